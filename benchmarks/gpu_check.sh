@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# GPU check: train + certify `ibp` on `digits` on CUDA through the Python API, then time one
+# training step per method (benchmarks/step_cost.py). For a machine with an NVIDIA GPU and a
+# Python 3 that has its own torch, numpy, scipy and scikit-learn but no pydantic/pyyaml and no
+# package registry: the wheels come along in .whl/ (see benchmarks/README.md for how to make it).
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root
+#
+# DEVICE=cpu bash benchmarks/gpu_check.sh runs the same phases on the CPU (a local dry run).
+set -euo pipefail
+
+DEVICE="${DEVICE:-cuda}"
+REPEATS="${REPEATS:-30}"
+PYTHON="${PYTHON:-python3}"
+export CERTREPRO_DOWNLOAD=0  # digits ships with scikit-learn: nothing to download, ever
+export CERTREPRO_HOME="${CERTREPRO_HOME:-/tmp/certrepro-gpu-check}"
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+
+T0=$(date +%s.%N)
+PHASE_T=$T0
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+phase() {  # phase NAME: close the previous phase (print its time) and open the next
+  local now
+  now=$(date +%s.%N)
+  if [[ -n "${PHASE_NAME:-}" ]]; then
+    printf '=== %s: %s s\n' "$PHASE_NAME" "$(elapsed "$PHASE_T" "$now")"
+  fi
+  PHASE_NAME="$1"
+  PHASE_T=$now
+  [[ -n "$1" ]] && printf '\n=== %s\n' "$1"
+  return 0
+}
+
+phase "install wheels"
+if [[ -d .whl ]]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD"
+  ls .whl
+else
+  echo "no .whl folder: using the packages $PYTHON already has"
+  export PYTHONPATH="$PWD"
+fi
+
+phase "versions"
+if command -v nvidia-smi >/dev/null; then nvidia-smi -L; else echo "nvidia-smi: not found"; fi
+"$PYTHON" - "$DEVICE" <<'EOF'
+import sys, platform
+import torch, pydantic, yaml
+device = sys.argv[1]
+print(f"python {platform.python_version()}  torch {torch.__version__}  "
+      f"pydantic {pydantic.VERSION}  pyyaml {yaml.__version__}")
+print(f"torch.cuda.is_available(): {torch.cuda.is_available()}  "
+      f"torch.version.cuda: {torch.version.cuda}")
+if device == "cuda":
+    print("device:", torch.cuda.get_device_name(0))
+EOF
+
+phase "train + certify ibp on digits ($DEVICE)"
+"$PYTHON" - "$DEVICE" <<'EOF'
+import sys, time
+import torch
+from workers.core.attacks import PGD
+from workers.core.bounds import PerturbationSet
+from workers.core.certify import certify
+from workers.core.config import RunConfig, resolve
+from workers.core.data import load_split
+from workers.core.train import train
+
+device = sys.argv[1]
+cfg = resolve(RunConfig(method="ibp", dataset="digits", model="small", eps=0.1, eps_train=0.15,
+                        epochs=5, batch_size=50, device=device,
+                        schedule={"warmup_epochs": 1, "rampup_epochs": 2}))
+x, y = load_split("digits", "train")
+xt, yt = load_split("digits", "test")
+print(f"train {tuple(x.shape)}, test {tuple(xt.shape)}")
+began = time.perf_counter()
+result = train(cfg, x, y)
+print(f"train: {time.perf_counter() - began:.1f} s; sec/epoch "
+      + ", ".join(f"{s:.2f}" for s in result.sec_per_epoch))
+for epoch, means in enumerate(result.history, 1):
+    print(f"  epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(means.items())))
+devices = {str(p.device) for p in result.model.parameters()}
+print("parameter devices:", devices)
+if not all(p.device.type == device for p in result.model.parameters()):
+    sys.exit(f"FAIL: parameters on {devices}, expected {device}")
+began = time.perf_counter()
+cert = certify(result.model, xt, yt, PerturbationSet("linf", 0.1), ["ibp"], PGD(steps=50, restarts=2))
+m = cert.metrics()
+print(f"certify: {time.perf_counter() - began:.1f} s")
+print(f"clean acc {m['clean_acc']:.3f}  PGD acc {m['pgd_acc']:.3f}  "
+      f"IBP-verified acc {m['verified_acc']['ibp']:.3f}  (eps 0.1, {len(yt)} test examples)")
+if not m["verified_acc"]["ibp"] <= m["pgd_acc"] <= m["clean_acc"]:
+    sys.exit("FAIL: expected verified <= PGD <= clean accuracy")
+if m["clean_acc"] < 0.5:
+    print("WARNING: clean accuracy below 0.5 after 5 epochs; training may be broken")
+EOF
+
+phase "step cost ($DEVICE, --repeats $REPEATS)"
+"$PYTHON" benchmarks/step_cost.py --device "$DEVICE" --repeats "$REPEATS" \
+  --json "${STEP_COST_JSON:-/tmp/step_cost_$DEVICE.json}"
+if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then cp "${STEP_COST_JSON:-/tmp/step_cost_$DEVICE.json}" "$OUT/"; fi
+
+phase ""
+printf '\n=== total: %s s\n' "$(elapsed "$T0" "$(date +%s.%N)")"

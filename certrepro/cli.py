@@ -1,0 +1,249 @@
+"""The `certrepro` command line. Each subcommand registers its arguments and its handler in
+COMMANDS; bad input ends with a message naming what was wrong and exit status 2, no traceback and
+nothing written."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import ValidationError
+
+from workers.core.config import RunConfig, config_hash, describe_errors, resolve
+from workers.core.data import DataNotFound
+from workers.core.registry import RegistryError
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as is, exit status 2."""
+
+
+def home() -> Path:
+    return Path(os.environ.get("CERTREPRO_HOME", ".certrepro"))
+
+
+# -- turning files and flags into a validated config ---------------------------------------------
+
+# flag -> config field, for `certrepro run` (DESIGN.md "Interfaces")
+RUN_FLAGS = {
+    "method": str, "dataset": str, "model": str, "norm": str, "eps": float, "eps_train": float,
+    "epochs": int, "batch_size": int, "seed": int, "device": str, "test_limit": int,
+    "train_limit": int, "data_root": str,
+}
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as error:
+        raise UsageError(f"config file {path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of fields, got {type(data).__name__}")
+    return data
+
+
+def apply_override(config: dict[str, Any], assignment: str) -> None:
+    """`--set optimizer.lr=0.01`: dotted path = YAML value."""
+    if "=" not in assignment:
+        raise UsageError(f"--set needs FIELD=VALUE (dotted fields allowed), got {assignment!r}")
+    path, raw = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    target = config
+    for key in keys[:-1]:
+        target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            raise UsageError(f"--set {path}: {key} is not a group of fields")
+    target[keys[-1]] = yaml.safe_load(raw)
+
+
+def validated(data: dict[str, Any], what: str = "config") -> RunConfig:
+    try:
+        return resolve(RunConfig.model_validate(data))
+    except ValidationError as error:
+        lines = "\n".join(f"  {line}" for line in describe_errors(error))
+        raise UsageError(f"invalid {what}:\n{lines}") from None
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    data = read_yaml(args.config) if args.config else {}
+    for name in RUN_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            data[name] = value
+    if args.certifier:
+        data["certifiers"] = args.certifier
+    for assignment in args.set or []:
+        apply_override(data, assignment)
+    return validated(data)
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+def format_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """A small text table: one line per (name, result)."""
+    certifiers = sorted({c for _, r in rows for c in r["metrics"]["verified_acc"]})
+    header = ["row", "method", "model", "eps", "clean", "pgd"] + \
+        [f"verified[{c}]" for c in certifiers] + ["s/epoch"]
+    lines = [header]
+    for name, result in rows:
+        config, metrics = result["config"], result["metrics"]
+        epochs = result["timing"].get("sec_per_epoch") or []
+        lines.append([
+            name, config["method"], config["model"], f"{config['norm']}={config['eps']:g}",
+            f"{metrics['clean_acc']:.1%}", f"{metrics['pgd_acc']:.1%}",
+            *[f"{metrics['verified_acc'][c]:.1%}" if c in metrics["verified_acc"] else "-"
+              for c in certifiers],
+            f"{sum(epochs) / len(epochs):.2f}" if epochs else "-",
+        ])
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip()
+                     for line in lines)
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    from workers.runner import write_json
+    write_json(path, result)
+
+
+# -- subcommands ----------------------------------------------------------------------------------
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML run config (flags override its fields)")
+    for name, kind in RUN_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None)
+    parser.add_argument("--certifier", action="append", help="repeat for several certifiers")
+    parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                        help="any config field, dotted for groups: --set optimizer.lr=0.01")
+    parser.add_argument("--out", help="result JSON (default: <workdir>/result.json)")
+    parser.add_argument("--workdir", help="checkpoint folder (default: "
+                        "$CERTREPRO_HOME/runs/<config hash>; a rerun there resumes)")
+    parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from workers.runner import run_row  # heavy imports only once the input is valid
+    config = config_from_args(args)
+    workdir = Path(args.workdir) if args.workdir else home() / "runs" / config_hash(config)
+    if args.fresh and (workdir / "checkpoint.pt").exists():
+        (workdir / "checkpoint.pt").unlink()
+    result = run_row(config, workdir, show_progress=not args.quiet)
+    out = Path(args.out) if args.out else workdir / "result.json"
+    if args.out:
+        write_result(out, result)
+    print(format_table([(config.method, result)]))
+    print(f"result: {out}\ncheckpoint: {result['checkpoint']}")
+    return 0
+
+
+def add_certify_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint.pt written by `certrepro run`")
+    parser.add_argument("--dataset", help="default: the data set it was trained on")
+    parser.add_argument("--data-root", dest="data_root")
+    parser.add_argument("--norm", choices=["linf", "l2"])
+    parser.add_argument("--eps", type=float)
+    parser.add_argument("--certifier", action="append")
+    parser.add_argument("--test-limit", dest="test_limit", type=int)
+    parser.add_argument("--device", choices=["cpu", "cuda"])
+    parser.add_argument("--set", action="append", metavar="FIELD=VALUE")
+    parser.add_argument("--out", required=True, help="result JSON")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def cmd_certify(args: argparse.Namespace) -> int:
+    from workers.core.train import load_checkpoint
+    from workers.runner import certify_checkpoint
+    if not Path(args.checkpoint).is_file():
+        raise UsageError(f"checkpoint {args.checkpoint} does not exist")
+    try:
+        state = load_checkpoint(args.checkpoint)
+    except Exception as error:  # a foreign or truncated file: say so, no traceback
+        raise UsageError(f"{args.checkpoint} is not a readable checkpoint: {error}") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise UsageError(f"{args.checkpoint} is not a certrepro checkpoint (no 'config')")
+    overrides: dict[str, Any] = {}
+    for name in ("dataset", "data_root", "norm", "eps", "test_limit", "device"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if args.certifier:
+        overrides["certifiers"] = args.certifier
+    for assignment in args.set or []:
+        apply_override(overrides, assignment)
+    validated({**state["config"], **overrides}, "certify settings")  # fail before any work
+    result = certify_checkpoint(args.checkpoint, overrides, show_progress=not args.quiet)
+    write_result(Path(args.out), result)
+    print(format_table([("certify", result)]))
+    print(f"result: {args.out}")
+    return 0
+
+
+def add_demo_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", nargs="?", default="configs/demo.yaml",
+                        help="YAML with a `base` config and `rows` of overrides")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from workers.runner import run_row
+    spec = read_yaml(args.spec)
+    rows = spec.get("rows") or []
+    if not rows:
+        raise UsageError(f"{args.spec} lists no rows")
+    configs = []
+    for row in rows:
+        row = dict(row)
+        name = row.pop("name", row.get("method", "row"))
+        configs.append((name, validated({**spec.get("base", {}), **row}, f"row {name!r}")))
+    results = []
+    for index, (name, config) in enumerate(configs, 1):
+        print(f"[{index}/{len(configs)}] {name}: {config.method} on {config.dataset}, "
+              f"{config.epochs} epochs", flush=True)
+        workdir = home() / "runs" / config_hash(config)
+        results.append((name, run_row(config, workdir, show_progress=not args.quiet)))
+    print()
+    print(format_table(results))
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "run": ("train, certify and write the result JSON", add_run_args, cmd_run),
+    "certify": ("certify a saved checkpoint", add_certify_args, cmd_certify),
+    "demo": ("run the demo rows side by side (nominal, PGD, IBP on digits)", add_demo_args, cmd_demo),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="certrepro", description=__doc__.splitlines()[0])
+    sub = root.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, handler) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(command)
+        command.set_defaults(handler=handler)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (UsageError, RegistryError, DataNotFound) as error:
+        print(f"certrepro {args.command}: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        if "cuda" not in str(error).lower():
+            raise
+        print(f"certrepro {args.command}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ncertrepro {args.command}: interrupted; rerun the same command to resume "
+              "from the last checkpoint", file=sys.stderr)
+        return 130
