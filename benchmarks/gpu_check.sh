@@ -68,9 +68,11 @@ from workers.core.data import load_split
 from workers.core.train import train
 
 device = sys.argv[1]
+# 20 short epochs (29 steps each): kappa 1 -> 0.5 and eps 0 -> 0.15 over epochs 2-10, lr x0.1 at
+# 15. On the CPU (torch 2.13, 2 threads) this reaches clean 0.92 / PGD 0.67 / IBP-verified 0.60.
 cfg = resolve(RunConfig(method="ibp", dataset="digits", model="small", eps=0.1, eps_train=0.15,
-                        epochs=5, batch_size=50, device=device,
-                        schedule={"warmup_epochs": 1, "rampup_epochs": 2}))
+                        epochs=20, batch_size=50, device=device, optimizer={"lr_milestones": [15]},
+                        schedule={"warmup_epochs": 2, "rampup_epochs": 8}))
 x, y = load_split("digits", "train")
 xt, yt = load_split("digits", "test")
 print(f"train {tuple(x.shape)}, test {tuple(xt.shape)}")
@@ -79,7 +81,8 @@ result = train(cfg, x, y)
 print(f"train: {time.perf_counter() - began:.1f} s; sec/epoch "
       + ", ".join(f"{s:.2f}" for s in result.sec_per_epoch))
 for epoch, means in enumerate(result.history, 1):
-    print(f"  epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(means.items())))
+    if epoch in (1, 2, 5, 10, 15, 20):
+        print(f"  epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(means.items())))
 devices = {str(p.device) for p in result.model.parameters()}
 print("parameter devices:", devices)
 if not all(p.device.type == device for p in result.model.parameters()):
@@ -91,14 +94,18 @@ print(f"certify: {time.perf_counter() - began:.1f} s")
 print(f"clean acc {m['clean_acc']:.3f}  PGD acc {m['pgd_acc']:.3f}  "
       f"IBP-verified acc {m['verified_acc']['ibp']:.3f}  (eps 0.1, {len(yt)} test examples)")
 if not m["verified_acc"]["ibp"] <= m["pgd_acc"] <= m["clean_acc"]:
-    sys.exit("FAIL: expected verified <= PGD <= clean accuracy")
-if m["clean_acc"] < 0.5:
-    print("WARNING: clean accuracy below 0.5 after 5 epochs; training may be broken")
+    sys.exit("FAIL: expected verified <= PGD <= clean accuracy (a certificate must imply both)")
+if m["verified_acc"]["ibp"] == 0:
+    sys.exit("FAIL: nothing IBP-verified: IBP training did not work on this device")
+if m["clean_acc"] < 0.8 or m["verified_acc"]["ibp"] < 0.4:
+    print("WARNING: accuracies well below the CPU reference (0.92 / 0.67 / 0.60)")
 EOF
 
 phase "step cost ($DEVICE, --repeats $REPEATS)"
+# STEP_COST_ARGS: extra flags, e.g. "--batch-size 32 --warmup 1" for a quick CPU dry run
+# shellcheck disable=SC2086
 "$PYTHON" benchmarks/step_cost.py --device "$DEVICE" --repeats "$REPEATS" \
-  --json "${STEP_COST_JSON:-/tmp/step_cost_$DEVICE.json}"
+  --json "${STEP_COST_JSON:-/tmp/step_cost_$DEVICE.json}" ${STEP_COST_ARGS:-}
 if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then cp "${STEP_COST_JSON:-/tmp/step_cost_$DEVICE.json}" "$OUT/"; fi
 
 phase ""

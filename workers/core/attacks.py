@@ -61,8 +61,10 @@ class PGD:
             loss = loss_fn(model(x_adv), y)
             grad, = torch.autograd.grad(loss.sum(), x_adv)
             with torch.no_grad():
-                better = loss > best_loss  # keep the best iterate, not the last one
-                best[better], best_loss[better] = x_adv[better], loss[better]
+                # keep the best iterate, not the last one (torch.where: no device sync)
+                better = loss > best_loss
+                best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv, best)
+                best_loss = torch.where(better, loss, best_loss)
                 if perturbation.norm == "linf":
                     x_adv = x_adv + step * grad.sign()
                 else:

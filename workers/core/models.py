@@ -57,8 +57,11 @@ def _conv_stack(input_shape: tuple[int, ...], convs: Sequence[tuple[int, int, in
         channels = out_channels
     layers.append(nn.Flatten())
     # The flattened width follows from the input size: run the convs on a meta tensor (no memory).
-    with torch.device("meta"):
-        width = nn.Sequential(*layers)(torch.empty(1, *input_shape)).shape[1]
+    try:
+        with torch.device("meta"):
+            width = nn.Sequential(*layers)(torch.empty(1, *input_shape)).shape[1]
+    except RuntimeError as error:  # e.g. a kernel larger than what is left of the image
+        raise ValueError(f"model {name!r} cannot take input of shape {input_shape}: {error}") from None
     return layers + _fc_stack(width, fcs, num_classes)
 
 

@@ -51,22 +51,25 @@ def layers_of(model: nn.Module) -> list[nn.Module]:
 
 
 def _affine_box(lower, upper, apply, apply_abs) -> Box:
-    mu, r = (upper + lower) / 2, (upper - lower) / 2
-    mu, r = apply(mu), apply_abs(r)
+    # Eq. 6 with the 1/2 of mu = (u + l) / 2 and r = (u - l) / 2 folded into the weights, which are
+    # small, instead of two divisions of full-size activations (forward and backward).
+    mu, r = apply(upper + lower), apply_abs(upper - lower)
     return mu - r, mu + r
 
 
 @interval_rule(nn.Linear)
 def _linear(layer: nn.Linear, lower, upper) -> Box:
-    return _affine_box(lower, upper, layer, lambda r: F.linear(r, layer.weight.abs()))
+    return _affine_box(lower, upper, lambda s: F.linear(s, layer.weight / 2, layer.bias),
+                       lambda d: F.linear(d, layer.weight.abs() / 2))
 
 
 @interval_rule(nn.Conv2d)
 def _conv2d(layer: nn.Conv2d, lower, upper) -> Box:
-    def conv_abs(r):
-        return F.conv2d(r, layer.weight.abs(), None, layer.stride, layer.padding,
-                        layer.dilation, layer.groups)
-    return _affine_box(lower, upper, layer, conv_abs)
+    def conv(inputs, weight, bias=None):
+        return F.conv2d(inputs, weight, bias, layer.stride, layer.padding, layer.dilation,
+                        layer.groups)
+    return _affine_box(lower, upper, lambda s: conv(s, layer.weight / 2, layer.bias),
+                       lambda d: conv(d, layer.weight.abs() / 2))
 
 
 @interval_rule(nn.ReLU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Hardtanh, Normalize,
@@ -150,18 +153,21 @@ def ibp_margin_bounds(model: nn.Module, x: torch.Tensor, perturbation: Perturbat
     mu, r = (upper + lower) / 2, (upper - lower) / 2
     weight = weight.to(mu.dtype)  # a label spec is float32; the model may be float64
     bound = torch.einsum("bsn,bn->bs", weight, mu) - torch.einsum("bsn,bn->bs", weight.abs(), r)
+    bound = bound if bias is None else bound + bias
     if (elide and perturbation.norm == "l2" and perturbation.eps > 0
             and isinstance(layers[-1], nn.Linear)
             and all(isinstance(layer, (Normalize, nn.Flatten, nn.Identity))
                     for layer in layers[:-1])):
         # The elided spec (C W) is the first affine layer: the same exact l_2 rule as in
-        # `_l2_first_affine`, c^T z(x) - eps ||scale * (C W)_s||_2, intersected with the box bound.
+        # `_l2_first_affine`, c^T z(x) - eps ||scale * (C W)_s||_2, intersected with the box bound
+        # and with the unelided bound (whose per-logit boxes mix ball and box sides).
         scale = torch.ones_like(x[0])
         for layer in layers[:-1]:
             if isinstance(layer, Normalize):
                 scale = scale / layer.std
         center = nn.Sequential(*layers[:-1])(x).flatten(1)
         rows = (weight * scale.flatten()).norm(dim=2)
-        ball = torch.einsum("bsn,bn->bs", weight, center) - perturbation.eps * rows
+        ball = torch.einsum("bsn,bn->bs", weight, center) - perturbation.eps * rows + bias
         bound = torch.maximum(bound, ball)
-    return bound if bias is None else bound + bias
+        bound = torch.maximum(bound, ibp_margin_bounds(model, x, perturbation, spec, elide=False))
+    return bound
