@@ -13,7 +13,8 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from .bounds.perturbation import NORMS
 from .certify import CERTIFIERS
@@ -112,16 +113,24 @@ class RunConfig(_Strict):
             raise ValueError("certifiers must not repeat")
         return value
 
+    @field_validator("eps", "eps_train")
+    @classmethod
+    def _eps_in_range(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # eps beyond the input set's diameter is a mistake (likely 0-255 scale), not an experiment.
+        norm, dataset = info.data.get("norm"), info.data.get("dataset")
+        if value is None or norm is None:
+            return value
+        limit = 1.0
+        if norm == "l2":
+            limit = math.sqrt(math.prod(dataset_info(dataset or "digits").input_shape))
+        if value > limit:
+            raise ValueError(f"{value} is out of range for norm {norm}: eps is in [0,1] pixel "
+                             f"scale, so it must be in [0, {limit:g}]")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
         info = dataset_info(self.dataset)
-        # eps beyond the set's diameter is a mistake (likely 0-255 scale), not an experiment.
-        limit = 1.0 if self.norm == "linf" else math.sqrt(math.prod(info.input_shape))
-        for name in ("eps", "eps_train"):
-            value = getattr(self, name)
-            if value is not None and value > limit:
-                raise ValueError(f"{name}={value} is out of range for norm {self.norm}: eps is in "
-                                 f"[0,1] pixel scale, so it must be in [0, {limit:g}]")
         check_model_fits(self.model, info)
         options = METHODS.get(self.method).Options
         try:
