@@ -9,13 +9,7 @@ from workers.core.attacks import PGD, cross_entropy_loss, margin_loss
 from workers.core.bounds import PerturbationSet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny nets: intra-op threads only add synchronization. Restored for other test modules.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(seed: int, shape=(1, 4, 4), classes: int = 5, dtype=torch.float32) -> nn.Sequential:

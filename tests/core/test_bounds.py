@@ -26,14 +26,7 @@ DTYPE = torch.float64
 TOL = 1e-6  # samples are drawn in float32 (eps rounded to float32), the nets run in float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The nets here are tiny: intra-op threads only add synchronization (on a loaded 2-core
-    # machine 100x slower). Restored for the other test modules.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

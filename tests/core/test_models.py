@@ -22,14 +22,7 @@ ALL_MODELS = ["small", "medium", "large", "mlp2x100", "mlp3x100", "4C3F", "6C2F"
 CONV_MODELS = ["small", "medium", "large", "4C3F", "6C2F", "8C2F"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # CPU forward passes of small batches: intra-op threads mostly add synchronization on a
-    # loaded machine. Restored for other test modules.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _forward(model: nn.Module, input_shape, batch: int = 2) -> torch.Tensor:
