@@ -18,6 +18,8 @@ from workers.core.config import RunConfig, config_hash, describe_errors, resolve
 from workers.core.data import DataNotFound
 from workers.core.registry import RegistryError
 
+from .client import ApiError
+
 
 class UsageError(Exception):
     """Bad input from the user: printed as is, exit status 2."""
@@ -214,7 +216,111 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="CPUs of the local Ray (embedded default only)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from api.app import create_app
+    from orchestrator.service import Service
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("certrepro").setLevel(logging.INFO)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # A dead MLflow server must not hang a worker for minutes in client retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    service = Service(num_cpus=args.num_cpus)
+
+    def announce() -> None:  # after the service started: its URLs are known
+        print(f"certrepro API:  http://{args.host}:{args.port}  (docs: /docs)\n"
+              f"MLflow UI:      {service.mlflow_uri}\n"
+              f"job store:      {service.settings.db_url}\n"
+              f"state folder:   {service.settings.home}", flush=True)
+
+    app = create_app(service, manage_service=True, on_started=announce)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def add_client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="the service (default: $CERTREPRO_URL or "
+                        "http://127.0.0.1:8000); the API key comes from $CERTREPRO_API_KEY")
+
+
+def add_submit_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", help="a table spec name (e.g. ibp/table4) or a run config YAML")
+    parser.add_argument("--profile", choices=["quick", "paper"], default="quick")
+    parser.add_argument("--rows", help="comma-separated row ids of the table (default: all)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    parser.add_argument("--idempotency-key")
+    parser.add_argument("--follow", action="store_true", help="show progress until it ends")
+    add_client_args(parser)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .client import Client, follow, format_status
+    if args.what.endswith((".yaml", ".yml")):
+        body = {"kind": "run", "config": read_yaml(args.what)}
+    else:
+        try:
+            seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+        except ValueError:
+            raise UsageError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+        body = {"kind": "table", "spec": args.what, "profile": args.profile, "seeds": seeds}
+        if args.rows:
+            body["rows"] = [row.strip() for row in args.rows.split(",") if row.strip()]
+    client = Client(args.url)
+    job = client.submit(body, args.idempotency_key)
+    print(f"submitted job {job['id']} ({len(job['rows'])} rows)")
+    if args.follow:
+        job = follow(client, job["id"])
+        print(client.table(job["id"], "md"))
+    else:
+        print(format_status(job))
+    return 0 if job["status"] != "failed" else 1
+
+
+def add_status_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job")
+    parser.add_argument("--follow", action="store_true")
+    add_client_args(parser)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .client import Client, follow, format_status
+    client = Client(args.url)
+    if args.follow:
+        follow(client, args.job)
+    else:
+        print(format_status(client.job(args.job)))
+    return 0
+
+
+def add_table_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job")
+    parser.add_argument("--format", choices=["md", "csv", "latex", "html", "json"], default="md")
+    add_client_args(parser)
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from .client import Client
+    print(Client(args.url).table(args.job, args.format))
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
+    "serve": ("run the service: API, dispatcher, Ray, MLflow", add_serve_args, cmd_serve),
+    "submit": ("submit a table or a run config to the service", add_submit_args, cmd_submit),
+    "status": ("show a job's rows and progress", add_status_args, cmd_status),
+    "table": ("print a job's table beside the paper's numbers", add_table_args, cmd_table),
     "run": ("train, certify and write the result JSON", add_run_args, cmd_run),
     "certify": ("certify a saved checkpoint", add_certify_args, cmd_certify),
     "demo": ("run the demo rows side by side (nominal, PGD, IBP on digits)", add_demo_args, cmd_demo),
@@ -222,7 +328,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="certrepro", description=__doc__.splitlines()[0])
+    root = argparse.ArgumentParser(prog="certrepro", description="certrepro: reproduce the tables "
+                                   "of certified-robustness papers")
     sub = root.add_subparsers(dest="command", required=True)
     for name, (help_text, add_args, handler) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
@@ -235,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (UsageError, RegistryError, DataNotFound) as error:
+    except (UsageError, RegistryError, DataNotFound, ApiError) as error:
         print(f"certrepro {args.command}: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:

@@ -3,6 +3,9 @@ recorder (orchestrator) implements it in production, `MemoryRecorder` in tests, 
 when nobody listens."""
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -49,3 +52,45 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+class FanOut:
+    """Report to several recorders at once (e.g. MLflow and the progress file)."""
+
+    def __init__(self, *recorders: Recorder):
+        self.recorders = recorders
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        for recorder in self.recorders:
+            recorder.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for recorder in self.recorders:
+            recorder.log_metrics(metrics, step)
+
+    def log_artifact(self, path: str) -> None:
+        for recorder in self.recorders:
+            recorder.log_artifact(path)
+
+
+class ProgressFile(NullRecorder):
+    """The latest epoch and metrics of a row, in `progress.json` beside its checkpoint: the
+    dispatcher reads it to report "epoch k of n" without talking to the worker."""
+
+    def __init__(self, path: str | Path, epochs: int):
+        self.path, self.epochs = Path(path), epochs
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        tmp.write_text(json.dumps({"epoch": min(step, self.epochs), "epochs": self.epochs,
+                                   "metrics": numbers}))
+        os.replace(tmp, self.path)
+
+
+def read_progress(path: str | Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None

@@ -87,6 +87,7 @@ def run_row(config: RunConfig | dict[str, Any], workdir: str | os.PathLike,
     }
     write_json(workdir / "result.json", result)
     recorder.log_artifact(str(workdir / "result.json"))
+    recorder.log_artifact(str(checkpoint))
     return result
 
 

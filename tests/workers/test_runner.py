@@ -16,7 +16,7 @@ def test_run_row_reports_params_curves_and_the_result(tmp_path):
     assert epochs == [1, 2]
     final = recorder.metrics[-1][1]
     assert final["verified_acc.ibp"] == result["metrics"]["verified_acc"]["ibp"]
-    assert recorder.artifacts == [str(tmp_path / "result.json")]
+    assert recorder.artifacts == [str(tmp_path / "result.json"), str(tmp_path / "checkpoint.pt")]
     assert json.loads((tmp_path / "result.json").read_text())["metrics"] == result["metrics"]
     assert result["data"] == {"name": "digits-8x8", "split": "test", "size": 30, "root": None,
                               "train_size": 200}

@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI): validates requests, writes jobs to the store, reads them back."""

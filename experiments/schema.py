@@ -1,0 +1,181 @@
+"""The schema of an experiment spec: one YAML file per paper table (`experiments/<paper>/<table>.yaml`).
+
+A spec names the paper, the table's columns (which metric of a row result each shows and in what
+unit), the run configs of its rows for two profiles (`paper`: the paper's protocol; `quick`: a
+minutes-long CPU run whose numbers are not comparable with the paper's), and the numbers the paper
+reports, each with its source in the paper's text.
+
+Configs are plain dicts here: `experiments` imports nothing from `workers`, so a row may name a
+method or certifier that certrepro does not have yet; the orchestrator validates the merged config
+with `RunConfig` and marks such rows as not implemented.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PROFILES = ("quick", "paper")
+TRANSFORMS = ("error_pct", "acc_pct", "raw")
+# Fields every merged row config must have (DESIGN.md: "A run config ... has at least").
+REQUIRED_CONFIG_FIELDS = ("method", "dataset", "model", "norm", "eps", "epochs", "batch_size",
+                          "certifiers")
+ROW_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # url-safe: usable as a path segment
+METRIC = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_+-]+)*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Paper(_Strict):
+    file: str | None = Field(None, description="file name in shared/papers (None: no paper)")
+    title: str
+    short: str = Field(description="short name, e.g. 'IBP'")
+
+
+class Column(_Strict):
+    key: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    label: str
+    metric: str = Field(description="dotted path into a row result's metrics, e.g. verified_acc.ibp")
+    transform: Literal["error_pct", "acc_pct", "raw"] = "error_pct"
+    tolerance: float | None = Field(None, ge=0, description="None: the spec's tolerance")
+    note: str | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_path(cls, value: str) -> str:
+        if not METRIC.match(value):
+            raise ValueError(f"metric must be a dotted path like 'verified_acc.ibp', got {value!r}")
+        return value
+
+
+class Source(_Strict):
+    """Where in the paper's text a reported number stands."""
+    file: str
+    table: str
+    row: str
+    column: str
+
+
+class Reported(_Strict):
+    value: float | None = Field(description="in the column's unit; null: the paper has no number")
+    source: Source | None = None
+    note: str | None = None
+
+    @model_validator(mode="after")
+    def _sourced(self) -> "Reported":
+        if self.value is not None and self.source is None:
+            raise ValueError("a reported value needs its source {file, table, row, column}")
+        if self.value is None and not self.note:
+            raise ValueError("a null reported value needs a note saying why "
+                             "(e.g. 'paper: could not verify')")
+        return self
+
+
+class Row(_Strict):
+    id: str
+    label: str
+    group: str = ""
+    config: dict[str, Any] = Field(default_factory=dict,
+                                   description="paper-profile fields over the spec's defaults")
+    quick: dict[str, Any] = Field(default_factory=dict,
+                                  description="row-specific overrides for the quick profile")
+    reported: dict[str, Reported] = Field(default_factory=dict)
+    seeds: list[int] | None = None
+    note: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _url_safe(cls, value: str) -> str:
+        if not ROW_ID.match(value):
+            raise ValueError(f"row id {value!r} is not url-safe: use letters, digits, '.', '_', "
+                             "'-' (starting with a letter or digit)")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            _check_seeds(value)
+        return value
+
+
+class TableSpec(_Strict):
+    name: str = Field(description="'<paper>/<table>', the spec's path under experiments/")
+    paper: Paper
+    caption: str
+    notes: str | None = None
+    columns: list[Column] = Field(min_length=1)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    quick: dict[str, Any] = Field(default_factory=dict)
+    tolerance: float = Field(ge=0, description="absolute, in the columns' unit")
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    rows: list[Row] = Field(min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[int]) -> list[int]:
+        return _check_seeds(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TableSpec":
+        keys = [c.key for c in self.columns]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"column keys repeat: {keys}")
+        ids = [r.id for r in self.rows]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"row ids repeat: {', '.join(repeated)}")
+        for row in self.rows:
+            unknown = sorted(set(row.reported) - set(keys))
+            if unknown:
+                raise ValueError(f"row {row.id!r}: reported values for unknown columns "
+                                 f"{unknown}; columns: {', '.join(keys)}")
+        return self
+
+    def column_tolerance(self, column: Column) -> float:
+        return self.tolerance if column.tolerance is None else column.tolerance
+
+    def row(self, row_id: str) -> Row:
+        for row in self.rows:
+            if row.id == row_id:
+                return row
+        raise KeyError(row_id)
+
+
+def _check_seeds(value: list[int]) -> list[int]:
+    if not value:
+        raise ValueError("seeds must not be empty")
+    if any(seed < 0 for seed in value):
+        raise ValueError("seeds must be >= 0")
+    if len(set(value)) != len(value):
+        raise ValueError("seeds must not repeat")
+    return value
+
+
+def deep_merge(*layers: dict[str, Any] | None) -> dict[str, Any]:
+    """Later layers override earlier ones; nested dicts merge key by key, anything else (lists
+    included) is replaced. An explicit null replaces too (it resets a field to RunConfig's default).
+    Inputs are not modified."""
+    result: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if isinstance(value, dict) and isinstance(result.get(key), dict):
+                result[key] = deep_merge(result[key], value)
+            else:
+                result[key] = copy.deepcopy(value)
+    return result
+
+
+def merged_config(spec: TableSpec, row: Row, profile: str) -> dict[str, Any]:
+    """The row's config for `profile` (no seed): defaults + row.config, then for `quick` the spec's
+    and the row's quick overrides."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; allowed: {', '.join(PROFILES)}")
+    config = deep_merge(spec.defaults, row.config)
+    if profile == "quick":
+        config = deep_merge(config, spec.quick, row.quick)
+    return config

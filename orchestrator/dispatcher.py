@@ -1,0 +1,147 @@
+"""The dispatcher: the job store is the durable queue, and this loop moves rows through it.
+
+Each tick it (1) stops rows whose job was cancelled, (2) records the rows whose Ray task ended
+(success, or a failure that is retried up to the limit, resuming from the row's checkpoint),
+(3) renews the leases of the rows it runs and copies their progress (epoch k of n, latest metrics)
+into the store, and (4) claims due rows up to the cluster's capacity and submits them. Rows whose
+lease expired (their dispatcher died) are due again, so a restarted service picks them up and they
+resume from their last checkpoint. Every store write is fenced by this dispatcher's owner id.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from workers.recorder import read_progress
+
+from .execution import RayExecutor, RowHandle
+from .settings import Settings
+from .store import JobStore, RowView
+
+log = logging.getLogger("certrepro.dispatcher")
+
+
+class Dispatcher:
+    def __init__(self, store: JobStore, executor: RayExecutor, settings: Settings,
+                 tracking: Any | None = None):
+        self.store, self.executor, self.settings = store, executor, settings
+        self.tracking = tracking  # orchestrator.service.Tracking or None (no MLflow)
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.running: dict[str, RowHandle] = {}
+        self._last_renewal = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # one bad tick (a store hiccup) must not end the service
+                log.exception("dispatcher tick failed")
+            self._stop.wait(self.settings.poll_seconds)
+
+    def stop(self, release: bool = True) -> None:
+        """Stop the loop; with `release`, cancel the tasks and give their rows back to the queue
+        so the next start takes them at once (they resume from their checkpoints)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if release:
+            for row_id, handle in list(self.running.items()):
+                self.executor.cancel(handle)
+                self.store.release(row_id, self.owner)
+            self.running.clear()
+
+    def tick(self) -> None:
+        self._stop_cancelled()
+        self._collect_finished()
+        now = time.monotonic()
+        if now - self._last_renewal >= min(self.settings.lease_seconds / 3, 5.0):
+            self._renew_and_report()
+            self._last_renewal = now
+        self._claim_and_submit()
+
+    # -- the steps ----------------------------------------------------------------------------
+
+    def _stop_cancelled(self) -> None:
+        for row_id in self.store.rows_to_stop(self.owner):
+            handle = self.running.pop(row_id, None)
+            if handle is not None:
+                self.executor.cancel(handle)
+            self.store.finish_cancelled(row_id, self.owner)
+            if self.tracking is not None:
+                self.tracking.row_ended(row_id, "KILLED")
+            self._job_changed_for(row_id)
+
+    def _collect_finished(self) -> None:
+        for handle in self.executor.done(list(self.running.values())):
+            del self.running[handle.row_id]
+            result, error = self.executor.outcome(handle)
+            if error is None:
+                self.store.complete_row(handle.row_id, self.owner, result)
+                if self.tracking is not None:
+                    self.tracking.row_ended(handle.row_id, "FINISHED")
+            else:
+                status = self.store.fail_row(handle.row_id, self.owner, error,
+                                             max_attempts=self.settings.max_attempts)
+                log.warning("row %s failed (%s): %s", handle.row_id, status, error)
+                if status == "failed" and self.tracking is not None:
+                    self.tracking.row_ended(handle.row_id, "FAILED")
+            self._job_changed_for(handle.row_id)
+
+    def _renew_and_report(self) -> None:
+        for row_id, handle in list(self.running.items()):
+            progress = read_progress(handle.workdir / "progress.json") or {}
+            if progress:
+                kept = self.store.record_progress(
+                    row_id, self.owner, epoch=int(progress["epoch"]),
+                    epochs=int(progress["epochs"]), metrics=progress.get("metrics", {}))
+            else:
+                kept = True
+            if not (kept and self.store.renew_lease(row_id, self.owner,
+                                                     self.settings.lease_seconds)):
+                # another dispatcher took the row over (our lease had expired): let go of it
+                log.warning("lost the lease of row %s; stopping its task", row_id)
+                self.executor.cancel(handle)
+                del self.running[row_id]
+
+    def _claim_and_submit(self) -> None:
+        free = self.executor.capacity() - len(self.running)
+        if free <= 0:
+            return
+        rows = self.store.claim_rows(self.owner, lease_seconds=self.settings.lease_seconds,
+                                     limit=free, max_attempts=self.settings.max_attempts)
+        for row in rows:
+            self._submit(row)
+
+    def _submit(self, row: RowView) -> None:
+        workdir = self.settings.runs_dir / row.job_id / row.id
+        recorder = None
+        if self.tracking is not None:
+            try:
+                recorder = self.tracking.row_recorder(row)
+                self.store.record_progress(row.id, self.owner, epoch=row.progress["epoch"],
+                                           epochs=int(row.config["epochs"]),
+                                           metrics=row.metrics, mlflow_run_id=recorder.run_id)
+            except Exception as error:  # MLflow down: the row still runs, without tracking
+                log.warning("MLflow unavailable for row %s: %s", row.id, error)
+                recorder = None
+        self.running[row.id] = self.executor.submit(row.id, row.config, workdir, recorder)
+
+    def _job_changed_for(self, row_id: str) -> None:
+        if self.tracking is not None:
+            try:
+                self.tracking.job_progress(self.store, row_id)
+            except Exception as error:
+                log.warning("could not update the MLflow job run for row %s: %s", row_id, error)
