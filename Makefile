@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/certrepro demo configs/demo.yaml
+	$(VENV)/bin/certrepro demo demo/digits
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -189,31 +189,51 @@ def cmd_certify(args: argparse.Namespace) -> int:
 
 
 def add_demo_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", nargs="?", default="configs/demo.yaml",
-                        help="YAML with a `base` config and `rows` of overrides")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("spec", nargs="?", default="demo/digits", help="the table to run")
+    parser.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from workers.runner import run_row
-    spec = read_yaml(args.spec)
-    rows = spec.get("rows") or []
-    if not rows:
-        raise UsageError(f"{args.spec} lists no rows")
-    configs = []
-    for row in rows:
-        row = dict(row)
-        name = row.pop("name", row.get("method", "row"))
-        configs.append((name, validated({**spec.get("base", {}), **row}, f"row {name!r}")))
-    results = []
-    for index, (name, config) in enumerate(configs, 1):
-        print(f"[{index}/{len(configs)}] {name}: {config.method} on {config.dataset}, "
-              f"{config.epochs} epochs", flush=True)
-        workdir = home() / "runs" / config_hash(config)
-        results.append((name, run_row(config, workdir, show_progress=not args.quiet)))
-    print()
-    print(format_table(results))
-    return 0
+    """The embedded service end to end: start it, submit the table, follow it, print the table,
+    stop it."""
+    import signal
+    import socket
+    import subprocess
+
+    from .client import Client, follow
+
+    port = args.port
+    if not port:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    home().mkdir(parents=True, exist_ok=True)
+    log_path = home() / "demo-service.log"
+    print(f"starting the service (log: {log_path}) ...", flush=True)
+    service = subprocess.Popen([sys.executable, "-m", "certrepro", "serve", "--port", str(port)],
+                               stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    try:
+        client = Client(f"http://127.0.0.1:{port}")
+        try:
+            ready = client.wait_ready(timeout=180)
+        except ApiError:
+            raise UsageError(f"the service did not start; its log:\n{log_path.read_text()[-2000:]}")
+        job = client.submit({"kind": "table", "spec": args.spec, "profile": "quick"})
+        print(f"submitted {args.spec} as job {job['id']}", flush=True)
+        job = follow(client, job["id"])
+        print()
+        print(client.table(job["id"], "md"))
+        print(f"\nMLflow UI (while the service runs): {ready['mlflow_tracking_uri']}\n"
+              f"  parent run of this job: {job.get('mlflow_url')}\n"
+              "  `certrepro serve` brings the service and its MLflow UI back up.")
+        return 0 if job["status"] == "succeeded" else 1
+    finally:
+        service.send_signal(signal.SIGTERM)
+        try:
+            service.wait(60)
+        except subprocess.TimeoutExpired:
+            service.kill()
+        print("service stopped", flush=True)
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -323,7 +343,8 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "table": ("print a job's table beside the paper's numbers", add_table_args, cmd_table),
     "run": ("train, certify and write the result JSON", add_run_args, cmd_run),
     "certify": ("certify a saved checkpoint", add_certify_args, cmd_certify),
-    "demo": ("run the demo rows side by side (nominal, PGD, IBP on digits)", add_demo_args, cmd_demo),
+    "demo": ("start the service, run the demo table (nominal, PGD, IBP on digits), print it",
+             add_demo_args, cmd_demo),
 }
 
 

@@ -83,15 +83,18 @@ def format_status(job: dict[str, Any], width: int = 24) -> str:
     return "\n".join(lines)
 
 
-def follow(client: Client, job_id: str, interval: float = 2.0, out=sys.stdout) -> dict[str, Any]:
-    """Print the job's status whenever it changes, until it ends; return the final job."""
-    shown = None
+def follow(client: Client, job_id: str, interval: float = 1.0, out=sys.stdout) -> dict[str, Any]:
+    """Print a line for each row whose status or epoch changed, until the job ends; then the
+    job's full status. Returns the final job."""
+    seen: dict[str, tuple[str, int]] = {}
     while True:
         job = client.job(job_id)
-        text = format_status(job)
-        if text != shown:
-            print(text, file=out, flush=True)
-            shown = text
+        for row in job["rows"]:
+            state = (row["status"], row["progress"]["epoch"])
+            if seen.get(row["id"]) != state:
+                seen[row["id"]] = state
+                print(format_status({**job, "rows": [row]}).splitlines()[1], file=out, flush=True)
         if job["status"] in TERMINAL:
+            print(format_status(job), file=out, flush=True)
             return job
         time.sleep(interval)

@@ -33,6 +33,7 @@ class Dispatcher:
         self.tracking = tracking  # orchestrator.service.Tracking or None (no MLflow)
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.running: dict[str, RowHandle] = {}
+        self._reported: dict[str, int] = {}  # row -> last epoch written to the store
         self._last_renewal = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -66,9 +67,10 @@ class Dispatcher:
     def tick(self) -> None:
         self._stop_cancelled()
         self._collect_finished()
+        self._report_progress()
         now = time.monotonic()
         if now - self._last_renewal >= min(self.settings.lease_seconds / 3, 5.0):
-            self._renew_and_report()
+            self._renew_leases()
             self._last_renewal = now
         self._claim_and_submit()
 
@@ -77,6 +79,7 @@ class Dispatcher:
     def _stop_cancelled(self) -> None:
         for row_id in self.store.rows_to_stop(self.owner):
             handle = self.running.pop(row_id, None)
+            self._reported.pop(row_id, None)
             if handle is not None:
                 self.executor.cancel(handle)
             self.store.finish_cancelled(row_id, self.owner)
@@ -87,6 +90,7 @@ class Dispatcher:
     def _collect_finished(self) -> None:
         for handle in self.executor.done(list(self.running.values())):
             del self.running[handle.row_id]
+            self._reported.pop(handle.row_id, None)
             result, error = self.executor.outcome(handle)
             if error is None:
                 self.store.complete_row(handle.row_id, self.owner, result)
@@ -100,21 +104,31 @@ class Dispatcher:
                     self.tracking.row_ended(handle.row_id, "FAILED")
             self._job_changed_for(handle.row_id)
 
-    def _renew_and_report(self) -> None:
+    def _report_progress(self) -> None:
+        """Copy each running row's progress file into the store when its epoch moved (every
+        tick, so "epoch k of n" is current within a poll interval)."""
         for row_id, handle in list(self.running.items()):
-            progress = read_progress(handle.workdir / "progress.json") or {}
-            if progress:
-                kept = self.store.record_progress(
-                    row_id, self.owner, epoch=int(progress["epoch"]),
-                    epochs=int(progress["epochs"]), metrics=progress.get("metrics", {}))
+            progress = read_progress(handle.workdir / "progress.json")
+            if not progress or self._reported.get(row_id) == progress["epoch"]:
+                continue
+            if self.store.record_progress(row_id, self.owner, epoch=int(progress["epoch"]),
+                                          epochs=int(progress["epochs"]),
+                                          metrics=progress.get("metrics", {})):
+                self._reported[row_id] = progress["epoch"]
             else:
-                kept = True
-            if not (kept and self.store.renew_lease(row_id, self.owner,
-                                                     self.settings.lease_seconds)):
-                # another dispatcher took the row over (our lease had expired): let go of it
-                log.warning("lost the lease of row %s; stopping its task", row_id)
-                self.executor.cancel(handle)
-                del self.running[row_id]
+                self._let_go(row_id, handle)
+
+    def _renew_leases(self) -> None:
+        for row_id, handle in list(self.running.items()):
+            if not self.store.renew_lease(row_id, self.owner, self.settings.lease_seconds):
+                self._let_go(row_id, handle)
+
+    def _let_go(self, row_id: str, handle: RowHandle) -> None:
+        # another dispatcher took the row over (our lease had expired): stop our copy of it
+        log.warning("lost the lease of row %s; stopping its task", row_id)
+        self.executor.cancel(handle)
+        self.running.pop(row_id, None)
+        self._reported.pop(row_id, None)
 
     def _claim_and_submit(self) -> None:
         free = self.executor.capacity() - len(self.running)

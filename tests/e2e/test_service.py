@@ -134,10 +134,22 @@ def test_run_and_table_jobs_end_to_end(db_url, mlflow_server, tmp_path):
     assert code in (0, -signal.SIGTERM) and "certrepro service stopped" in service.log.read_text()
 
 
-def test_cancel_stops_a_running_row(db_url, mlflow_server, tmp_path):
-    service = ServiceProcess(tmp_path, db_url, mlflow_server.url).start()
+def test_cancel_stops_a_running_row_and_failing_rows_are_retried(db_url, mlflow_server, tmp_path):
+    service = ServiceProcess(tmp_path, db_url, mlflow_server.url)
+    service.env |= {"CERTREPRO_MAX_ATTEMPTS": "2", "CERTREPRO_DATA": str(tmp_path / "no-data")}
+    service.start()
     try:
         client = service.client
+        # a row that fails on every attempt (its data set is missing): retried, then failed
+        broken = client.submit({"kind": "run", "config": dict(TINY_RUN, dataset="mnist",
+                                                               model="mlp2x100")})
+        broken = finished(client, broken["id"], timeout=120)
+        row = broken["rows"][0]
+        assert broken["status"] == "failed" and row["status"] == "failed"
+        assert row["attempts"] == 2 and [a["outcome"] for a in row["attempt_log"]] == ["failed"] * 2
+        assert "DataNotFound" in row["error"] and "mnist" in row["error"]
+        assert broken["error"] == row["error"]
+
         long_run = dict(TINY_RUN, dataset="digits", model="small", epochs=200, train_limit=None)
         job = client.submit({"kind": "run", "config": long_run})
         wait_for(lambda: client.job(job["id"])["rows"][0]["progress"]["epoch"] >= 1, 120,
