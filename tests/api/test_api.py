@@ -64,6 +64,8 @@ def test_run_job_is_accepted_with_location_and_resolved_config(client):
     assert row["progress"] == {"epoch": 0, "epochs": 2}
     assert row["config"]["schedule"]["warmup_epochs"] is not None  # resolved before storing
     assert client.get(f"/jobs/{job['id']}").json()["id"] == job["id"]
+    table = client.get(f"/jobs/{job['id']}/table", params={"format": "md"})
+    assert table.status_code == 200 and "ibp mlp2x100 on digits-8x8" in table.text
 
 
 def test_table_job_has_one_row_per_selected_row_and_seed(client):
