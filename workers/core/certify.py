@@ -84,3 +84,8 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, perturbation: Pe
     progress.close()
     model.train(was_training)
     return result
+
+
+# Certifiers defined in their own modules register on import; they import CERTIFIERS from here,
+# so these imports come last.
+from . import linear_certifiers  # noqa: E402,F401
