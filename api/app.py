@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import TypeAdapter, ValidationError
 
@@ -88,6 +89,11 @@ def create_app(service, manage_service: bool = False, on_started=None) -> FastAP
                       for e in error.errors()]
             raise Problem(422, "Invalid job", "; ".join(f"{e['field']}: {e['message']}"
                                                         for e in errors), errors) from None
+        # Validation and the store write are blocking work: off the event loop, so concurrent
+        # requests are served while one waits on the database.
+        return await run_in_threadpool(create, body, job_request, idempotency_key)
+
+    def create(body: dict[str, Any], job_request, idempotency_key: str | None) -> JSONResponse:
         try:
             if isinstance(job_request, RunJob):
                 plan, spec, profile = plan_run(job_request.config), None, None

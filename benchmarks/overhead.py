@@ -41,6 +41,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MARKER_ENV = "CERTREPRO_OVERHEAD_RUN"  # set in the service's environment; children inherit it
+DIRECT_RUNS: set[subprocess.Popen] = set()  # direct runs in flight (ended on interruption)
 
 
 def row_config(epochs: int) -> dict[str, Any]:
@@ -189,9 +190,9 @@ def service_group(pid: int, root: int, cmd: str) -> str:
         return "service (API + dispatcher)"
     if "mlflow" in cmd:
         return "MLflow server"
-    if cmd.startswith("ray::") and "IDLE" not in cmd:
-        return "Ray row tasks"
-    return "Ray (raylet, GCS, idle workers)"
+    if cmd.startswith("ray::") and "Agent" not in cmd:
+        return "Ray workers (rows)"  # a worker is ray::IDLE between tasks, ray::row-... in one
+    return "Ray system (raylet, GCS, agents)"
 
 
 class CpuMeter:
@@ -350,6 +351,27 @@ def quiesce(service: Service, timeout: float, limit: float = 0.25) -> float:
             return used
 
 
+def wait_quiet(service: Service | None, timeout: float, limit: float = 0.3) -> float:
+    """Wait until work that is neither this benchmark nor its service uses under `limit` cores
+    over 2 s (or `timeout` passed: then say so); returns the last figure."""
+    deadline = time.monotonic() + timeout
+    waited = False
+    while True:
+        with CpuMeter(service.process.pid if service else None) as meter:
+            time.sleep(2.0)
+        other = meter.other / meter.wall
+        if other < limit:
+            return other
+        if time.monotonic() >= deadline:
+            print(f"  (other work still uses {other:.2f} cores after waiting {timeout:.0f} s; "
+                  f"going on)", flush=True)
+            return other
+        if not waited:
+            print(f"  (other work uses {other:.2f} cores; waiting up to {timeout:.0f} s for "
+                  f"it to drop under {limit:g})", flush=True)
+            waited = True
+
+
 # -- part 1: one row, directly and through the service ----------------------------------------
 
 def run_direct(config: dict[str, Any], threads: int, workdir: Path) -> dict[str, Any]:
@@ -358,13 +380,23 @@ def run_direct(config: dict[str, Any], threads: int, workdir: Path) -> dict[str,
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["CERTREPRO_DOWNLOAD"] = "0"
     spawned = time.time()
-    done = subprocess.run([sys.executable, "-c", DIRECT_CODE, str(threads), json.dumps(config),
-                           str(workdir)], cwd=REPO, env=env, capture_output=True, text=True)
+    process = subprocess.Popen([sys.executable, "-c", DIRECT_CODE, str(threads),
+                                json.dumps(config), str(workdir)], cwd=REPO, env=env,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    DIRECT_RUNS.add(process)
+    try:
+        stdout, stderr = process.communicate()
+    finally:
+        DIRECT_RUNS.discard(process)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     ended = time.time()
-    if done.returncode != 0:
-        raise RuntimeError(f"the direct run failed (exit {done.returncode}):\n"
-                           f"{done.stderr[-3000:]}")
-    line = next(l for l in done.stdout.splitlines() if l.startswith("@@overhead "))
+    if process.returncode != 0:
+        raise RuntimeError(f"the direct run failed (exit {process.returncode}):\n"
+                           f"{stderr[-3000:]}")
+    line = next(l for l in stdout.splitlines() if l.startswith("@@overhead "))
     inner = json.loads(line.split(" ", 1)[1])
     epoch_logged = inner["epoch_logged"]
     train_start = epoch_logged[0] - inner["timing"]["sec_per_epoch"][0]
@@ -390,6 +422,21 @@ def mlflow_history(http: httpx.Client, run_id: str, key: str) -> list[dict[str, 
                         params={"run_id": run_id, "metric_key": key, "max_results": 25000})
     response.raise_for_status()
     return sorted(response.json().get("metrics", []), key=lambda m: (m["step"], m["timestamp"]))
+
+
+def first_post(service: Service, config: dict[str, Any]) -> float:
+    """The first POST /jobs after the start, timed apart and not counted: the timed row's config
+    cut to 1 epoch, cancelled at once. It is slow once per service process and model family:
+    validating a config builds its model, and the first conv model makes torch import sympy
+    (about 0.8 s here)."""
+    with httpx.Client(base_url=service.url, timeout=120, trust_env=False) as http:
+        began = time.perf_counter()
+        response = http.post("/jobs", json={"kind": "run", "config": {**config, "epochs": 1}})
+        took = time.perf_counter() - began
+        if response.status_code != 202:
+            raise RuntimeError(f"POST /jobs answered {response.status_code}: {response.text}")
+        http.post(f"/jobs/{response.json()['id']}/cancel")
+    return took
 
 
 def run_through_service(service: Service, config: dict[str, Any], poll: float = 0.2,
@@ -517,18 +564,24 @@ def latency_phase(service: Service, clients: int, per_client: int, sequential: i
     def post(http: httpx.Client, i: int, k: int) -> httpx.Response:
         return http.post("/jobs", json=body)
 
-    def run(name: str, clients_: int, per: int, request, expect: int) -> None:
-        quiesce(service, settle)
+    def run(name: str, clients_: int, per: int, request, expect: int,
+            settle_first: bool = True) -> list[Any]:
+        if settle_first:
+            quiesce(service, settle)
         with CpuMeter(service.process.pid) as meter:
             figures = hammer(service.url, clients_, per, request, expect)
         answers = figures.pop("answers")
-        if request is post:
-            job_ids.extend(a["id"] for a in answers)
         figures["cpu"] = meter.summary()
         out[name] = figures
-        print(f"  {name:36} p50 {figures['p50_ms']:7.1f} ms  p99 {figures['p99_ms']:7.1f} ms"
+        print(f"  {name:54} p50 {figures['p50_ms']:7.1f} ms  p99 {figures['p99_ms']:7.1f} ms"
               f"  {figures['throughput_rps']:6.1f} req/s  ({figures['requests']} requests, "
               f"{figures['errors']} errors)", flush=True)
+        return answers
+
+    def cancel_all(ids: list[str]) -> None:
+        with httpx.Client(base_url=service.url, timeout=120, trust_env=False) as http:
+            for jid in ids:
+                http.post(f"/jobs/{jid}/cancel")
 
     def healthz(http: httpx.Client, i: int, k: int) -> httpx.Response:
         return http.get("/healthz")
@@ -537,43 +590,65 @@ def latency_phase(service: Service, clients: int, per_client: int, sequential: i
     run("GET /healthz, 1 client", 1, sequential, healthz, 200)
     run(f"GET /healthz, {clients} clients", clients, per_client, healthz, 200)
     # one client, back to back: the service time of one request, with no queueing
-    run("POST /jobs, 1 client", 1, sequential, post, 202)
-    run(f"POST /jobs, {clients} clients", clients, per_client, post, 202)
-
-    cancel_ids = list(job_ids)  # every job made so far (warm-ups included), each cancelled once
-    chunks = [cancel_ids[i::clients] for i in range(clients)]
+    first = [a["id"] for a in run("POST /jobs, 1 client", 1, sequential, post, 202)]
+    cancel_all(first)  # at once, so that the dispatcher does not spend the next minutes on them
+    job_ids.extend(first)
+    # then the 50 clients, and at once (no settling) the cancellation of what they made
+    made = [a["id"] for a in run(f"POST /jobs, {clients} clients", clients, per_client, post,
+                                 202)]
+    job_ids.extend(made)
+    chunks = [made[i::clients] for i in range(clients)]
 
     def cancel(http: httpx.Client, i: int, k: int) -> httpx.Response:
         # k = -1 is the warm-up: each client's first job
         return http.post(f"/jobs/{chunks[i][k + 1]}/cancel")
 
     per_cancel = min(len(c) for c in chunks) - 1
-    run(f"POST /jobs/{{id}}/cancel, {clients} clients", clients, per_cancel, cancel, 200)
-    leftover = [jid for c in chunks for jid in c[per_cancel + 1:]]
-    with httpx.Client(base_url=service.url, timeout=120, trust_env=False) as http:
-        for jid in leftover:
-            http.post(f"/jobs/{jid}/cancel")
+    run(f"POST /jobs/{{id}}/cancel, {clients} clients", clients, per_cancel, cancel, 200,
+        settle_first=False)
+    cancel_all([jid for c in chunks for jid in c[per_cancel + 1:]])
 
-    def get_job(http: httpx.Client, i: int, k: int) -> httpx.Response:
-        return http.get(f"/jobs/{job_ids[(i * 7919 + k) % len(job_ids)]}")
-
-    run("GET /jobs/{id}, 1 client", 1, sequential, get_job, 200)
-    run(f"GET /jobs/{{id}}, {clients} clients", clients, per_client, get_job, 200)
+    # GET answers carry MLflow links: the API asks MLflow about the job's run and each row's
+    # run. Jobs the dispatcher never started have none, so they are timed apart.
+    plain, linked, statuses = classify_jobs(service, set(job_ids))
     if finished_job:
-        def get_finished(http: httpx.Client, i: int, k: int) -> httpx.Response:
-            return http.get(f"/jobs/{finished_job}")
-        run("GET finished job (MLflow links), 1 client", 1, sequential, get_finished, 200)
+        linked.insert(0, finished_job)
+    for what, ids in (("no MLflow run", plain), ("MLflow job+row runs", linked)):
+        if not ids:
+            continue
 
-    # what the dispatcher did with the latency jobs before they were cancelled
+        def get_job(http: httpx.Client, i: int, k: int, ids=ids) -> httpx.Response:
+            return http.get(f"/jobs/{ids[(i * 7919 + k + 1) % len(ids)]}")
+
+        run(f"GET /jobs/{{id}} ({what}), 1 client", 1, sequential, get_job, 200)
+        run(f"GET /jobs/{{id}} ({what}), {clients} clients", clients, per_client, get_job, 200)
+
+    out["latency_jobs"] = {"created": len(job_ids), "rows": statuses,
+                           "with_mlflow_runs": len(linked), "without": len(plain)}
+    return out
+
+
+def classify_jobs(service: Service,
+                  wanted: set[str]) -> tuple[list[str], list[str], dict[str, int]]:
+    """(jobs without an MLflow run, jobs with one, their rows' statuses) among `wanted`, via
+    GET /jobs pages: what the dispatcher did with them before they were cancelled."""
+    plain, linked, cursor = [], [], None
     statuses: dict[str, int] = {}
     with httpx.Client(base_url=service.url, timeout=120, trust_env=False) as http:
-        for jid in job_ids[::max(1, len(job_ids) // 200)]:
-            row = http.get(f"/jobs/{jid}").json()["rows"][0]
-            started = "started" if row["attempts"] else "never started"
-            statuses[f"{row['status']} ({started})"] = statuses.get(
-                f"{row['status']} ({started})", 0) + 1
-    out["latency_jobs"] = {"created": len(job_ids), "sampled_status": statuses}
-    return out
+        while True:
+            params = {"limit": 100, **({"cursor": cursor} if cursor else {})}
+            page = http.get("/jobs", params=params).json()
+            for job in page["jobs"]:
+                if job["id"] in wanted:
+                    has_run = job["mlflow_run_id"] or any(r["mlflow_run_id"] for r in job["rows"])
+                    (linked if has_run else plain).append(job["id"])
+                    for row in job["rows"]:
+                        began = "started" if row["attempts"] else "never started"
+                        key = f"{row['status']} ({began})"
+                        statuses[key] = statuses.get(key, 0) + 1
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return sorted(plain), sorted(linked), statuses
 
 
 # -- output ---------------------------------------------------------------------------------------
@@ -592,6 +667,13 @@ PHASE_LABELS = [
     ("finish.client_poll", "  until the client's next GET"),
     ("total", "TOTAL (wall)"),
 ]
+
+
+def compute_sec(run: dict[str, Any]) -> float:
+    """Seconds of pure compute: the epochs' own times (no callbacks, no checkpoints) and the
+    certifiers'."""
+    timing = run["timing"]
+    return sum(timing["sec_per_epoch"]) + sum(timing["certify_sec"].values())
 
 
 def median_phases(runs: list[dict[str, Any]]) -> dict[str, float]:
@@ -637,6 +719,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="before each timed part, wait (at most this many seconds) until "
                              "the service's processes use under 0.25 cores: Ray prestarts and "
                              "restarts workers, MLflow finishes a job's runs")
+    parser.add_argument("--quiet-wait", type=float, default=60.0,
+                        help="before each row run and the latency part, wait (at most this many "
+                             "seconds) until other work on the machine uses under 0.3 cores")
+    parser.add_argument("--paired", action="store_true",
+                        help="run the direct 1-thread row at the same time as the service row "
+                             "(both see the same outside load: for a shared, busy machine)")
     parser.add_argument("--skip-row", action="store_true", help="latency part only")
     parser.add_argument("--skip-latency", action="store_true", help="row part only")
     parser.add_argument("--keep", action="store_true",
@@ -664,7 +752,8 @@ def main(argv: list[str] | None = None) -> int:
                    "torch": torch.__version__, "torch_default_threads": torch.get_num_threads(),
                    "python": platform.python_version(),
                    "loadavg_at_start": os.getloadavg()},
-        "row_config": config, "repeats": args.repeats}
+        "row_config": config, "repeats": args.repeats,
+        "mode": "paired" if args.paired else "sequential"}
     print(f"device: {report['device']['cpu']}, {os.cpu_count()} CPUs, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads by default); load average "
           f"{os.getloadavg()[0]:.2f} at start", flush=True)
@@ -676,7 +765,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_row:
             for repeat in range(args.repeats):
                 for name in thread_names:
+                    if args.paired and name == "1":
+                        continue  # runs beside the service row
                     threads = 0 if name == "all" else int(name)
+                    wait_quiet(None, args.quiet_wait)
                     with CpuMeter() as meter:
                         run = run_direct(config, threads, root / f"direct-{name}-{repeat}")
                     run["cpu"] = meter.summary()
@@ -691,16 +783,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"service ready in {service.start_sec:.1f} s (not counted); dispatcher poll "
               f"{service.poll_seconds:g} s; MLflow at {service.mlflow_url}", flush=True)
         quiesce(service, args.settle)
+        report["first_post_sec"] = first_post(service, config)
+        print(f"first POST /jobs after the start (the row's model): "
+              f"{1000 * report['first_post_sec']:.0f} ms (once per service process; not "
+              f"counted)", flush=True)
         report["service_start_sec"] = service.start_sec
         report["dispatcher_poll_sec"] = service.poll_seconds
         service_runs: list[dict] = []
         if not args.skip_row:
             for repeat in range(args.repeats):
                 quiesce(service, args.settle)
+                wait_quiet(service, args.quiet_wait)
+                pair: dict[str, Any] = {}
+                if args.paired:  # the direct 1-thread row at the same moment, in a thread
+                    def beside(repeat=repeat) -> None:
+                        try:
+                            pair["run"] = run_direct(config, 1, root / f"direct-1-{repeat}")
+                        except BaseException as error:  # reported below
+                            pair["error"] = error
+                    companion = threading.Thread(target=beside, daemon=True)
                 with CpuMeter(service.process.pid) as meter:
+                    if args.paired:
+                        companion.start()
                     run = run_through_service(service, config)
+                    if args.paired:
+                        companion.join()
                 run["cpu"] = meter.summary()
                 service_runs.append(run)
+                if args.paired:
+                    if "error" in pair:
+                        raise pair["error"]
+                    pair["run"]["cpu"] = run["cpu"]
+                    direct.setdefault("1 thr", []).append(pair["run"])
+                    print(f"direct run_row, 1 thr (at the same time): "
+                          f"{pair['run']['wall_sec']:.1f} s (train "
+                          f"{pair['run']['timing']['train_sec']:.1f} s)", flush=True)
                 print(f"service POST -> succeeded: {run['wall_sec']:.1f} s (train "
                       f"{run['timing']['train_sec']:.1f} s); other load "
                       f"{run['cpu']['other_cores']:.2f} cores", flush=True)
@@ -712,13 +829,28 @@ def main(argv: list[str] | None = None) -> int:
                 "overhead_sec": svc["total"] - base["total"],
                 "overhead_pct": 100 * (svc["total"] - base["total"]) / base["total"],
                 "train_overhead_ms_per_epoch": 1000 * (svc["train"] - base["train"]) / epochs}
+            # The same run_row code on the same number of threads computes in both paths, so a
+            # difference in pure compute (the epochs' own seconds, certification) comes from
+            # contention or machine noise; what is left is the service's machinery.
+            compute = {name: statistics.median(compute_sec(r) for r in runs)
+                       for name, runs in (("direct", direct[fair]), ("service", service_runs))}
+            machinery = (svc["total"] - compute["service"]) - (base["total"] - compute["direct"])
+            report["row"].update({
+                "compute_sec": compute,
+                "compute_slowdown_sec": compute["service"] - compute["direct"],
+                "machinery_overhead_sec": machinery,
+                "machinery_overhead_pct": 100 * machinery / base["total"]})
         if not args.skip_latency:
             print(f"latency: {args.clients} clients x {per_client} requests (+1 warm-up each), "
                   f"1-client baselines of {args.sequential}", flush=True)
             finished = service_runs[0]["job_id"] if service_runs else None
+            wait_quiet(service, args.quiet_wait)
             report["latency"] = latency_phase(service, args.clients, per_client,
                                               args.sequential, finished, args.settle)
     finally:
+        for process in list(DIRECT_RUNS):  # a paired direct run still going (interrupted)
+            process.kill()
+            process.wait()
         if service is not None:
             report["service_stop"] = service.stop()
             if report["service_stop"]["leftovers_ended"] or report["service_stop"]["still_alive"]:
@@ -755,7 +887,9 @@ def print_report(report: dict[str, Any], clients: int) -> None:
     row = report.get("row")
     if row:
         epochs = len(row["direct"][row["baseline"]][0]["timing"]["sec_per_epoch"])
-        print(f"\n-- one row ({epochs} epochs): direct = run_row in a fresh interpreter; "
+        mode = ("paired: the direct 1-thread row ran at the same time as the service row"
+                if report["mode"] == "paired" else "sequential: one run at a time")
+        print(f"\n-- one row ({epochs} epochs; {mode}): direct = run_row in a fresh interpreter; "
               f"service = POST /jobs until GET shows it succeeded (dispatcher poll "
               f"{report['dispatcher_poll_sec']:g} s, client poll 0.2 s); the service runs a "
               f"row on 1 torch thread\n")
@@ -768,17 +902,34 @@ def print_report(report: dict[str, Any], clients: int) -> None:
         print(f"\noverhead vs direct ({row['baseline']}): {row['overhead_sec']:+.2f} s = "
               f"{row['overhead_pct']:+.1f} %  [{verdict}]; training "
               f"{row['train_overhead_ms_per_epoch']:+.1f} ms per epoch")
+        print(f"  of which pure compute (epochs' own seconds + certifiers), service minus "
+              f"direct: {row['compute_slowdown_sec']:+.2f} s (the same code on the same "
+              f"threads: contention or machine noise);\n  the rest, the service's machinery: "
+              f"{row['machinery_overhead_sec']:+.2f} s = {row['machinery_overhead_pct']:+.1f} % "
+              f"[{'OK' if row['machinery_overhead_pct'] < 10 else 'OVER'}]")
+        paired = report["mode"] == "paired"
+        for label, runs in [*((f"direct {k}", v) for k, v in row["direct"].items()
+                              if not (paired and k == row["baseline"])),
+                            ("service" + (" and direct 1 thr" if paired else ""),
+                             row["service"])]:
+            cpu = runs[0]["cpu"]
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in cpu["service_cores"].items())
+            print(f"  CPU during {label}: machine {cpu['machine_busy_cores']:.2f} cores busy; "
+                  f"benchmark {cpu['benchmark_cores']:.2f}"
+                  + (f"; {parts}" if parts else "") + f"; other work {cpu['other_cores']:.2f}")
         others = [r["cpu"]["other_cores"] for runs in row["direct"].values() for r in runs] + \
             [r["cpu"]["other_cores"] for r in row["service"]]
         if max(others) > 0.3:
+            advice = "compare the machinery figure" if paired else \
+                "rerun on a quiet machine, or with --paired and compare the machinery figure"
             print(f"WARNING: other work used up to {max(others):.2f} cores during the row runs;"
-                  f" the figures are noisy (rerun on a quiet machine)")
+                  f" the totals are noisy ({advice})")
     latency = report.get("latency")
     if latency:
         print(f"\n-- request latency (ms; each client its own keep-alive connection; the load "
               f"generator runs on the same machine)\n")
-        header = (f"{'request':42}{'n':>6}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}"
-                  f"{'req/s':>9}{'err':>5}   cores: API  MLflow  Ray  bench  other")
+        header = (f"{'request':54}{'n':>6}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}"
+                  f"{'req/s':>8}{'err':>4}  cores: API MLflow RayW RayS bench other")
         print(header)
         print("-" * len(header))
         for name, f in latency.items():
@@ -786,12 +937,13 @@ def print_report(report: dict[str, Any], clients: int) -> None:
                 continue
             cpu = f["cpu"]
             svc = cpu["service_cores"]
-            ray = sum(v for k, v in svc.items() if k.startswith("Ray"))
-            print(f"{name:42}{f['requests']:6d}{f['p50_ms']:9.1f}{f['p90_ms']:9.1f}"
-                  f"{f['p99_ms']:9.1f}{f['max_ms']:9.1f}{f['throughput_rps']:9.1f}"
-                  f"{f['errors']:5d}   {svc.get('service (API + dispatcher)', 0):10.2f}"
-                  f"{svc.get('MLflow server', 0):8.2f}{ray:5.2f}{cpu['benchmark_cores']:7.2f}"
-                  f"{cpu['other_cores']:7.2f}")
+            workers = sum(v for k, v in svc.items() if k.startswith("Ray workers"))
+            system = sum(v for k, v in svc.items() if k.startswith("Ray system"))
+            print(f"{name:54}{f['requests']:6d}{f['p50_ms']:8.1f}{f['p90_ms']:8.1f}"
+                  f"{f['p99_ms']:8.1f}{f['max_ms']:8.1f}{f['throughput_rps']:8.1f}"
+                  f"{f['errors']:4d}  {svc.get('service (API + dispatcher)', 0):10.2f}"
+                  f"{svc.get('MLflow server', 0):7.2f}{workers:5.2f}{system:5.2f}"
+                  f"{cpu['benchmark_cores']:6.2f}{cpu['other_cores']:6.2f}")
         key = f"POST /jobs, {clients} clients"
         if key in latency:
             many, one = latency[key], latency["POST /jobs, 1 client"]
@@ -804,8 +956,8 @@ def print_report(report: dict[str, Any], clients: int) -> None:
                   f"(= {clients * 1000 / many['throughput_rps'] / one['p50_ms']:.0f} x the "
                   f"one-client time: they are served about one at a time)")
         jobs = latency["latency_jobs"]
-        print(f"latency jobs: {jobs['created']} created, all cancelled; a sample's rows: "
-              f"{jobs['sampled_status']}")
+        print(f"latency jobs: {jobs['created']} created, all cancelled at the end of the POST "
+              f"part; their rows: {jobs['rows']}")
     stop = report.get("service_stop") or {}
     print(f"\nservice stopped (exit code {stop.get('exit_code')}"
           f"{', killed' if stop.get('killed') else ''}); processes left over and ended: "
@@ -814,4 +966,9 @@ def print_report(report: dict[str, Any], clients: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the service is stopped and the temp folder removed by then
+        print("\ninterrupted; the service was stopped and the temp folder removed",
+              file=sys.stderr)
+        sys.exit(130)

@@ -116,6 +116,7 @@ class Service:
         self.tracking: Tracking | None = None
         self.executor = None
         self.dispatcher = None
+        self._links: dict[str, str] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -160,10 +161,12 @@ class Service:
     def run_link(self, run_id: str | None) -> str | None:
         if not run_id or self.tracker is None:
             return None
-        try:
-            return self.tracker.run_link(run_id)
-        except Exception:  # MLflow unreachable: the job is still readable
-            return None
+        if run_id not in self._links:  # a run's link never changes: ask MLflow once
+            try:
+                self._links[run_id] = self.tracker.run_link(run_id)
+            except Exception:  # MLflow unreachable: the job is still readable
+                return None
+        return self._links[run_id]
 
     def job_table(self, job: JobView) -> dict[str, Any]:
         return job_table(job)

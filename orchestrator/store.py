@@ -22,7 +22,8 @@ import base64
 import binascii
 import hashlib
 import json
-from contextlib import contextmanager
+import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Iterator
@@ -219,6 +220,7 @@ class JobStore:
         self._engine = make_engine(self.url, echo=echo)
         self.dialect: str = self._engine.dialect.name
         self._reader = read_only(self._engine)
+        self._write_lock = threading.Lock() if self.dialect == "sqlite" else nullcontext()
         try:
             upgrade(self._engine)
         except BaseException:
@@ -243,7 +245,9 @@ class JobStore:
 
     @contextmanager
     def _write(self, engine: sa.Engine | None = None) -> Iterator[Session]:
-        with Session(engine or self._engine) as s, s.begin():
+        # SQLite has one writer at a time; threads of this process queue on a lock instead of
+        # sleep-polling the database's busy timeout (which starves some of them for seconds).
+        with self._write_lock, Session(engine or self._engine) as s, s.begin():
             yield s
 
     @contextmanager

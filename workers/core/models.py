@@ -12,6 +12,7 @@ Architectures:
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -117,9 +118,10 @@ def build(config: Mapping[str, Any] | Any) -> nn.Sequential:
     return build_model(get("model"), dataset_info(get("dataset")))
 
 
+@functools.lru_cache(maxsize=256)
 def check_model_fits(name: str, info: DatasetInfo) -> None:
     """Raise ValueError if architecture `name` cannot take data set `info` (checked without
-    allocating weights)."""
+    allocating weights; cached, since every config validation asks)."""
     with torch.device("meta"):
         build_model(name, info)
 
