@@ -8,6 +8,7 @@ A step is what the trainer does per batch (workers/core/train.py): the method's 
 - `ibp pure`     IBP with kappa = 0: the interval pass and its backward only (the method skips
                  the nominal pass when kappa == 0)
 - `ibp mixed`    IBP with kappa = 0.5: nominal pass + interval pass
+- `crown_ibp pure` CROWN-IBP with kappa = 0 and beta = 1: interval pass + CROWN backward pass
 
 on CIFAR-10-shaped input (3x32x32, 10 classes, the data set's Normalize as first layer), random
 pixels in [0, 1] and random labels, so no data files are needed. The methods run round-robin
@@ -52,6 +53,9 @@ ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("pgd", "pgd", {}),
     ("ibp pure", "ibp", {"kappa_start": 0.0, "kappa_final": 0.0}),
     ("ibp mixed", "ibp", {"kappa_start": 0.5, "kappa_final": 0.5}),
+    # CROWN-IBP at its most expensive (beta = 1: the backward pass every step, kappa = 0)
+    ("crown_ibp pure", "crown_ibp", {"kappa_start": 0.0, "kappa_final": 0.0,
+                                     "beta_start": 1.0, "beta_final": 1.0}),
 ]
 
 # Targets from the issue and reference figures, printed beside the ratios.

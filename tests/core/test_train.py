@@ -72,3 +72,23 @@ def test_ibp_training_certifies_far_more_than_nominal():
     assert results["nominal"]["verified_acc"]["ibp"] < 0.02
     assert results["ibp"]["verified_acc"]["ibp"] > 0.5
     assert results["ibp"]["clean_acc"] > 0.8
+
+
+def test_crown_ibp_training_certifies_far_more_than_nominal():
+    """CROWN-IBP (beta 1 -> 0 over the ramp, kappa 1 -> 0) on digits, certified with its own
+    bound and with IBP."""
+    eps = 0.1
+    config = resolve(RunConfig(
+        method="crown_ibp", dataset="digits", model="small", eps=eps, eps_train=0.15, epochs=10,
+        batch_size=32, schedule={"warmup_epochs": 1, "rampup_epochs": 6},
+        optimizer={"lr_milestones": [8]}))
+    x, y = load_split("digits", "train")
+    result = train(config, x, y)
+    assert result.history[2]["beta"] < 1 and result.history[-1]["beta"] == 0.0
+    xt, yt = load_split("digits", "test")
+    outcome = certify(result.model, xt, yt, PerturbationSet("linf", eps), ["ibp", "crown_ibp"],
+                      PGD(steps=20, restarts=1))
+    metrics = outcome.metrics()
+    assert metrics["verified_acc"]["crown_ibp"] > 0.4 and metrics["verified_acc"]["ibp"] > 0.4
+    for pgd, verified in zip(outcome.pgd_correct, outcome.verified["crown_ibp"]):
+        assert pgd >= verified
