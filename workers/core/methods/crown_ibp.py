@@ -7,15 +7,13 @@ kappa_final and beta from beta_start (CROWN-IBP's tighter bound while eps is sma
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..bounds import ibp_margin_bounds
 from ..bounds.linear import crown_ibp_margin_bounds
 from ..schedules import ramp
 from .base import METHODS
-from .ibp import IBPTraining, spec_loss
-from .standard import accuracy
+from .ibp import IBPTraining
 
 
 class CrownIBPOptions(BaseModel):
@@ -36,25 +34,14 @@ class CrownIBPTraining(IBPTraining):
         return ramp(t, s.warmup_epochs, s.rampup_epochs, self.options.beta_start,
                     self.options.beta_final)
 
-    def loss(self, model, x, y, state):
-        kappa, beta = self.kappa(state.t), self.beta(state.t)
-        stats = {"kappa": kappa, "beta": beta}
-        loss = x.new_zeros(())
-        if kappa > 0:
-            logits = model(x)
-            fit = F.cross_entropy(logits, y)
-            loss = loss + kappa * fit
-            stats.update(fit_loss=fit.detach(), train_acc=accuracy(logits, y))
-        if kappa < 1:
-            lower = 0
-            if beta > 0:  # the backward pass is the expensive part: skip it once beta is 0
-                lower = beta * crown_ibp_margin_bounds(model, x, state.perturbation, y)
-            if beta < 1:
-                lower = lower + (1 - beta) * ibp_margin_bounds(model, x, state.perturbation, y)
-            spec = spec_loss(lower, y, self.options.spec_loss)
-            loss = loss + (1 - kappa) * spec
-            others = ~F.one_hot(y, lower.shape[1]).bool()
-            verified = (lower.masked_fill(~others, 1.0) > 0).all(dim=1).float().mean().detach()
-            stats.update(spec_loss=spec.detach(), train_verified=verified)
-        stats["loss"] = loss.detach()
-        return loss, stats
+    def schedule_stats(self, t: float) -> dict[str, float]:
+        return {"kappa": self.kappa(t), "beta": self.beta(t)}
+
+    def margin_lower(self, model, x, y, state):
+        beta = self.beta(state.t)
+        lower = 0
+        if beta > 0:  # the backward pass is the expensive part: skip it once beta is 0
+            lower = beta * crown_ibp_margin_bounds(model, x, state.perturbation, y)
+        if beta < 1:
+            lower = lower + (1 - beta) * ibp_margin_bounds(model, x, state.perturbation, y)
+        return lower

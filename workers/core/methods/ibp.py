@@ -50,9 +50,17 @@ class IBPTraining(Method):
         return ramp(t, s.warmup_epochs, s.rampup_epochs, self.options.kappa_start,
                     self.options.kappa_final)
 
+    def margin_lower(self, model, x, y, state) -> torch.Tensor:
+        """Lower bounds (B, K) on the margins y - j over the current perturbation set: the hook
+        that methods with other bounds (CROWN-IBP) override."""
+        return ibp_margin_bounds(model, x, state.perturbation, y, elide=self.options.elide)
+
+    def schedule_stats(self, t: float) -> dict[str, float]:
+        return {"kappa": self.kappa(t)}
+
     def loss(self, model, x, y, state):
         kappa = self.kappa(state.t)
-        stats = {"kappa": kappa}
+        stats = self.schedule_stats(state.t)
         loss = x.new_zeros(())
         if kappa > 0:  # kappa = 0 skips the nominal pass: the pure specification loss
             logits = model(x)
@@ -60,7 +68,7 @@ class IBPTraining(Method):
             loss = loss + kappa * fit
             stats.update(fit_loss=fit.detach(), train_acc=accuracy(logits, y))
         if kappa < 1:  # kappa = 1 (the warm-up) costs no bound pass
-            lower = ibp_margin_bounds(model, x, state.perturbation, y, elide=self.options.elide)
+            lower = self.margin_lower(model, x, y, state)
             spec = spec_loss(lower, y, self.options.spec_loss)
             loss = loss + (1 - kappa) * spec
             others = ~F.one_hot(y, lower.shape[1]).bool()
