@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from workers.core.config import RunConfig, config_hash, describe_errors, resolve
 from workers.core.data import DataNotFound
 from workers.core.registry import RegistryError
+from workers.files import write_json
 
 from .client import ApiError
 
@@ -111,11 +112,6 @@ def format_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
                      for line in lines)
 
 
-def write_result(path: Path, result: dict[str, Any]) -> None:
-    from workers.runner import write_json
-    write_json(path, result)
-
-
 # -- subcommands ----------------------------------------------------------------------------------
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -141,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = run_row(config, workdir, show_progress=not args.quiet)
     out = Path(args.out) if args.out else workdir / "result.json"
     if args.out:
-        write_result(out, result)
+        write_json(out, result)
     print(format_table([(config.method, result)]))
     print(f"result: {out}\ncheckpoint: {result['checkpoint']}")
     return 0
@@ -182,7 +178,7 @@ def cmd_certify(args: argparse.Namespace) -> int:
         apply_override(overrides, assignment)
     validated({**state["config"], **overrides}, "certify settings")  # fail before any work
     result = certify_checkpoint(args.checkpoint, overrides, show_progress=not args.quiet)
-    write_result(Path(args.out), result)
+    write_json(Path(args.out), result)
     print(format_table([("certify", result)]))
     print(f"result: {args.out}")
     return 0

@@ -4,9 +4,10 @@ when nobody listens."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Protocol
+
+from .files import write_json
 
 
 class Recorder(Protocol):
@@ -81,12 +82,9 @@ class ProgressFile(NullRecorder):
         self.path, self.epochs = Path(path), epochs
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        tmp.write_text(json.dumps({"epoch": min(step, self.epochs), "epochs": self.epochs,
-                                   "metrics": numbers}))
-        os.replace(tmp, self.path)
+        write_json(self.path, {"epoch": min(step, self.epochs), "epochs": self.epochs,
+                               "metrics": numbers}, indent=None)
 
 
 def read_progress(path: str | Path) -> dict[str, Any] | None:

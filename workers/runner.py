@@ -7,7 +7,6 @@ dies mid-row loses at most one epoch.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from .core.config import RunConfig, resolve
 from .core.data import load_split
 from .core.models import build
 from .core.train import load_checkpoint, resolve_device, train
+from .files import write_json
 from .recorder import NullRecorder, Recorder, flatten
 
 RESULT_FORMAT = 1
@@ -122,10 +122,3 @@ def device_name(device: str) -> str:
         return torch.cuda.get_device_name()
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomic: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)

@@ -20,9 +20,9 @@ from workers.core.bounds import (
     layers_of,
     margin_specification,
 )
+from tests.core.nets import DTYPE, random_init
 from workers.core.models import Normalize
 
-DTYPE = torch.float64
 TOL = 1e-6  # samples are drawn in float32 (eps rounded to float32), the nets run in float64
 
 
@@ -31,19 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------------------------------------
 # Small random nets
-
-
-def _init(model: nn.Module, gen: torch.Generator) -> nn.Module:
-    """Deterministic weights from `gen`, scaled so activations stay O(1) and ReLUs switch."""
-    model = model.to(DTYPE)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen, dtype=DTYPE)
-                                    * 1.5 / fan_in ** 0.5)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen, dtype=DTYPE) * 0.2)
-    return model
 
 
 def _flat_width(layers: list[nn.Module], input_shape: tuple[int, ...]) -> int:
@@ -102,7 +89,7 @@ def _net(kind: str, seed: int = 0) -> tuple[nn.Sequential, tuple[int, ...], int]
                            normalize=([0.5, 0.5], [0.1, 0.7]))
     else:
         raise AssertionError(kind)
-    return _init(nn.Sequential(*layers), gen), shape, classes
+    return random_init(nn.Sequential(*layers), gen), shape, classes
 
 
 NETS = ["linear", "norm_linear", "mlp2", "mlp3", "mlp_norm", "linear_first_norm", "conv_s2p1",
@@ -246,7 +233,7 @@ def test_bounds_sound_for_a_pixel_range_other_than_unit(norm):
     # clipping must use the set's own range, not [0, 1]. Low input dimension and inputs on the
     # edges of [0, 1], so the box term is the tighter one and a wrong clip shows.
     gen = torch.Generator().manual_seed(7)
-    model = _init(nn.Sequential(nn.Linear(3, 10), nn.ReLU(), nn.Linear(10, 4)), gen)
+    model = random_init(nn.Sequential(nn.Linear(3, 10), nn.ReLU(), nn.Linear(10, 4)), gen)
     x = _inputs((3,), batch=4, seed=8, edge_fraction=1.0)
     y = _labels(4, 4, seed=9)
     for eps in (0.1, 0.5):
@@ -276,7 +263,7 @@ def test_l2_first_layer_rule_behind_normalize(seed):
     perturbation = PerturbationSet("l2", eps)
     scale = (1 / std).view(3, 1, 1).expand(3, 4, 4)
 
-    linear = _init(nn.Linear(48, 7), gen)
+    linear = random_init(nn.Linear(48, 7), gen)
     layers = [normalize, nn.Flatten(), linear]
     lower, upper = interval_bounds(layers, x, perturbation)
     center = nn.Sequential(*layers)(x)
@@ -290,7 +277,7 @@ def test_l2_first_layer_rule_behind_normalize(seed):
         low_point = x - eps * direction[i].view(1, 3, 4, 4)
         torch.testing.assert_close(nn.Sequential(*layers)(low_point)[:, i], lower[:, i])
 
-    conv = _init(nn.Conv2d(3, 5, 2, stride=2, padding=0), gen)  # no padding: every window full
+    conv = random_init(nn.Conv2d(3, 5, 2, stride=2, padding=0), gen)  # no padding: every window full
     layers = [normalize, conv]
     lower, upper = interval_bounds(layers, x, perturbation)
     center = nn.Sequential(*layers)(x)
@@ -338,7 +325,7 @@ def test_elision_never_loosens(norm):
 
 
 def _single_linear(d: int, k: int, seed: int) -> nn.Linear:
-    return _init(nn.Linear(d, k), torch.Generator().manual_seed(seed))
+    return random_init(nn.Linear(d, k), torch.Generator().manual_seed(seed))
 
 
 def _edge_inputs(batch: int, d: int, seed: int) -> torch.Tensor:
@@ -429,7 +416,7 @@ def test_single_conv_interval_is_exact_for_linf(conv):
     # Each output neuron is linear in the pixels of its receptive field: its interval is attained
     # at the vertex given by the sign pattern of its row of the Jacobian.
     gen = torch.Generator().manual_seed(19)
-    layer = _init(nn.Conv2d(2, 3, 3, **conv), gen)
+    layer = random_init(nn.Conv2d(2, 3, 3, **conv), gen)
     x = _edge_inputs(2, 2 * 7 * 7, seed=20).view(2, 2, 7, 7)
     perturbation = PerturbationSet("linf", 0.05)
     lower, upper = interval_bounds([layer], x, perturbation)
@@ -464,7 +451,7 @@ def test_separable_net_is_exact_for_linf(activation, normalize):
         diagonal = nn.Linear(d, d)
         layers += [diagonal, ACTIVATIONS[activation]()]
     layers.append(nn.Linear(d, classes))
-    model = _init(nn.Sequential(*layers), gen)
+    model = random_init(nn.Sequential(*layers), gen)
     with torch.no_grad():
         for layer in model:
             if isinstance(layer, nn.Linear) and layer.out_features == d:

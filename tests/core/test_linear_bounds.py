@@ -26,11 +26,11 @@ from workers.core.bounds.linear import (
     linear_margin_bounds,
     preactivation_bounds,
 )
+from tests.core.nets import DTYPE, random_init
 from workers.core.models import Normalize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-DTYPE = torch.float64
 TOL = 1e-6  # samples are drawn in float32 before being cast; nets run in float64
 
 # (name, keyword arguments of linear_margin_bounds); crown_ibp is checked through its wrapper.
@@ -53,16 +53,7 @@ def _all_bounds(model, x, perturbation, spec, elide=True):
 
 
 def _init(model: nn.Module, seed: int) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    model = model.to(DTYPE)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                fan_in = module.weight[0].numel()
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen, dtype=DTYPE)
-                                    * 1.5 / fan_in ** 0.5)
-                module.bias.copy_(torch.randn(module.bias.shape, generator=gen, dtype=DTYPE) * 0.2)
-    return model
+    return random_init(model, torch.Generator().manual_seed(seed))
 
 
 NORMALIZE = ([0.4, 0.6], [0.3, 0.7])  # two channels, std != 1
