@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install benchmark clean
+.PHONY: demo test install benchmark clean cluster-up cluster-down
 
 install: $(STAMP)
 
@@ -26,3 +26,24 @@ benchmark: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .certrepro .pytest_cache
+
+# The local cluster (docker-compose.yml; README "Cluster"). CPU=1 on machines without NVIDIA
+# GPUs, WORKERS=N Ray worker nodes. `cluster-down` keeps the volumes (job store, MLflow,
+# checkpoints); `docker compose down -v` deletes them.
+COMPOSE ?= docker compose
+WORKERS ?= 1
+COMPOSE_FILES := -f docker-compose.yml $(if $(CPU),-f docker-compose.cpu.yml)
+
+cluster-up: .env
+	$(COMPOSE) $(COMPOSE_FILES) up -d --build --scale ray-worker=$(WORKERS)
+	$(COMPOSE) $(COMPOSE_FILES) ps
+
+cluster-down:
+	$(COMPOSE) $(COMPOSE_FILES) down
+
+# First run: .env from .env.example with a random PostgreSQL password and API key.
+.env:
+	sed -e "s/^POSTGRES_PASSWORD=change-me$$/POSTGRES_PASSWORD=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(18))')/" \
+	    -e "s/^CERTREPRO_API_KEY=change-me$$/CERTREPRO_API_KEY=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(24))')/" \
+	    .env.example > .env
+	@echo "wrote .env (PostgreSQL password and API key generated)"

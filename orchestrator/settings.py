@@ -27,9 +27,13 @@ class Settings:
     ray_address: str | None  # None: start a local Ray in this process
     api_key: str | None
     runs_dir: Path  # row work folders (checkpoints); every Ray node must see the same path
+    tune_dir: Path  # Ray Tune storage of sweeps; likewise the same path on every node
     lease_seconds: float = 30.0
     max_attempts: int = 3
     poll_seconds: float = 0.5
+    # Ray re-runs a row whose node or worker process died (not one whose code raised) this many
+    # times, on any node, from the row's last checkpoint; the dispatcher's attempts come after
+    node_retries: int = 3
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -43,7 +47,9 @@ class Settings:
             ray_address=os.environ.get("RAY_ADDRESS") or None,
             api_key=os.environ.get("CERTREPRO_API_KEY") or None,
             runs_dir=Path(os.environ.get("CERTREPRO_RUNS_DIR") or home / "runs").resolve(),
+            tune_dir=Path(os.environ.get("CERTREPRO_TUNE_DIR") or home / "tune").resolve(),
             lease_seconds=_env_float("CERTREPRO_LEASE_SECONDS", 30.0),
             max_attempts=int(_env_float("CERTREPRO_MAX_ATTEMPTS", 3)),
             poll_seconds=_env_float("CERTREPRO_POLL_SECONDS", 0.5),
+            node_retries=int(_env_float("CERTREPRO_NODE_RETRIES", 3)),
         )
