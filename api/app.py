@@ -13,13 +13,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import TypeAdapter, ValidationError
 
 import experiments
-from orchestrator.jobs import JobRequestError, plan_run, plan_table
+from orchestrator.jobs import JobRequestError, plan_run, plan_sweep, plan_table
 from orchestrator.store import IdempotencyInProgress, IdempotencyMismatch, NotFound
+from orchestrator.sweep_state import best_trial
 from orchestrator.tables import FORMATS, render
 
 from . import problems
 from .problems import Problem, field_errors
-from .schemas import JobRequest, RunJob, TableJob
+from .schemas import JobRequest, RunJob, SweepJob, TableJob
 
 MAX_BODY_BYTES = 1_000_000
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -68,6 +69,14 @@ def create_app(service, manage_service: bool = False, on_started=None) -> FastAP
         data["mlflow_url"] = service.run_link(job.mlflow_run_id)
         for row in data["rows"]:
             row["mlflow_url"] = service.run_link(row.get("mlflow_run_id"))
+        if job.kind == "sweep":
+            sweep = job.body.get("_sweep") or {}
+            data["sweep"] = {key: sweep.get(key) for key in (
+                "metric", "mode", "num_samples", "trials", "search_space", "scheduler")}
+            data["best"] = best_trial(job.trials, sweep.get("metric", ""),
+                                      sweep.get("mode", "max"))
+        else:
+            data.pop("trials", None)
         return data
 
     @app.get("/healthz")
@@ -85,8 +94,9 @@ def create_app(service, manage_service: bool = False, on_started=None) -> FastAP
         try:
             job_request = _job_request.validate_python(body)
         except ValidationError as error:
-            errors = [{"field": ".".join(str(p) for p in e["loc"]) or "body", "message": e["msg"]}
-                      for e in error.errors()]
+            # the first element of a location is the kind (the union's tag): not a field
+            errors = [{"field": ".".join(str(p) for p in _field_path(e["loc"], body)) or "body",
+                       "message": e["msg"]} for e in error.errors()]
             raise Problem(422, "Invalid job", "; ".join(f"{e['field']}: {e['message']}"
                                                         for e in errors), errors) from None
         # Validation and the store write are blocking work: off the event loop, so concurrent
@@ -101,13 +111,16 @@ def create_app(service, manage_service: bool = False, on_started=None) -> FastAP
                 plan = plan_table(job_request.spec, job_request.rows, job_request.profile,
                                   job_request.seeds)
                 spec, profile = job_request.spec, job_request.profile
-            else:
-                raise Problem(422, "Not supported yet", "sweep jobs are not supported yet; "
-                              "allowed kinds now: run, table",
-                              [{"field": "kind", "message": "allowed: run, table"}])
+            elif isinstance(job_request, SweepJob):
+                plan = plan_sweep(job_request.model_dump())
+                spec, profile = job_request.spec, job_request.profile
+            else:  # the schema's discriminator admits no other kind
+                raise AssertionError(f"unhandled job kind {job_request.kind!r}")
         except JobRequestError as error:
             raise Problem(422, "Invalid job", str(error), field_errors(error.problems)) from None
         stored_body = dict(body)
+        if plan.sweep is not None:
+            stored_body["_sweep"] = plan.sweep
         if plan.not_implemented or plan.dropped_certifiers:
             stored_body["_left_out"] = {"rows": plan.not_implemented,
                                         "certifiers": plan.dropped_certifiers}
@@ -173,6 +186,10 @@ def create_app(service, manage_service: bool = False, on_started=None) -> FastAP
     return app
 
 
+def _field_path(loc: tuple, body: dict[str, Any]) -> tuple:
+    return loc[1:] if loc and loc[0] == body.get("kind") else loc
+
+
 async def _json_body(request: Request) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -189,5 +206,5 @@ async def _json_body(request: Request) -> Any:
         raise Problem(400, "Malformed JSON", f"the body is not valid JSON: {error}") from None
     if not isinstance(body, dict):
         raise Problem(422, "Invalid job", "the body must be a JSON object with a `kind` field "
-                      "(run, table)", [{"field": "body", "message": "expected an object"}])
+                      "(run, table, sweep)", [{"field": "body", "message": "expected an object"}])
     return body

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .schema import (PROFILES, REQUIRED_CONFIG_FIELDS, Column, Paper, Reported, Row, Source,
-                     TableSpec, deep_merge, merged_config)
+                     SweepSpec, TableSpec, config_value, deep_merge, merged_config)
 
 SPEC_ROOT = Path(__file__).resolve().parent
 SUFFIX = ".yaml"
@@ -28,8 +28,8 @@ EXTENSION_PREFIX = "x-"
 
 __all__ = [
     "PROFILES", "REQUIRED_CONFIG_FIELDS", "SPEC_ROOT", "Column", "Paper", "Reported", "Row",
-    "Source", "SpecError", "TableSpec", "UnknownRow", "UnknownSpec", "deep_merge", "list_specs",
-    "load_spec", "load_spec_file", "merged_config", "row_configs", "spec_summary",
+    "Source", "SpecError", "SweepSpec", "TableSpec", "UnknownRow", "UnknownSpec", "deep_merge", "list_specs",
+    "load_spec", "load_spec_file", "merged_config", "row_configs", "row_for_sample", "spec_summary", "sweep_base_config",
 ]
 
 
@@ -119,6 +119,32 @@ def row_configs(spec: TableSpec, profile: str = "quick", rows: list[str] | None 
     return out
 
 
+def sweep_base_config(spec: TableSpec, profile: str = "quick") -> dict[str, Any]:
+    """The base config of a sweep spec for `profile`: the spec's defaults (and quick overrides);
+    the search space supplies the swept fields."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; allowed: {', '.join(PROFILES)}")
+    config = deep_merge(spec.defaults)
+    return deep_merge(config, spec.quick) if profile == "quick" else config
+
+
+def row_for_sample(spec: TableSpec, values: dict[str, Any]) -> str | None:
+    """The id of the sweep spec's row whose config has these values of the swept row fields
+    ({field: value}); None when no row matches."""
+    if spec.sweep is None:
+        return None
+    for row in spec.rows:
+        if all(_same(config_value(row.config, f), values.get(f)) for f in spec.sweep.row_fields):
+            return row.id
+    return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(a)))
+    return a == b
+
+
 def spec_summary(spec: TableSpec) -> dict[str, Any]:
     """What GET /experiments shows about a spec (JSON-ready)."""
     rows = []
@@ -141,6 +167,7 @@ def spec_summary(spec: TableSpec) -> dict[str, Any]:
         "tolerance": spec.tolerance,
         "rows": rows,
         "profiles": list(PROFILES),
+        "sweep": spec.sweep.model_dump() if spec.sweep is not None else None,
     }
 
 

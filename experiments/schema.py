@@ -47,9 +47,7 @@ class Column(_Strict):
     @field_validator("metric")
     @classmethod
     def _metric_path(cls, value: str) -> str:
-        if not METRIC.match(value):
-            raise ValueError(f"metric must be a dotted path like 'verified_acc.ibp', got {value!r}")
-        return value
+        return _check_metric(value)
 
 
 class Source(_Strict):
@@ -103,6 +101,23 @@ class Row(_Strict):
         return value
 
 
+class SweepSpec(_Strict):
+    """A table that is a sweep in itself (a grid over a few hyper-parameters). The search space
+    uses the sampler format of sweep jobs; `row_fields` are the swept config fields that identify
+    a row of the table, so each trial's result lands in the row whose config has its values."""
+    search_space: dict[str, dict[str, Any]] = Field(min_length=1)
+    metric: str
+    mode: Literal["max", "min"]
+    row_fields: list[str] = Field(min_length=1)
+    num_samples: int = Field(1, ge=1)
+    scheduler: dict[str, Any] | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _metric_path(cls, value: str) -> str:
+        return _check_metric(value)
+
+
 class TableSpec(_Strict):
     name: str = Field(description="'<paper>/<table>', the spec's path under experiments/")
     paper: Paper
@@ -114,6 +129,7 @@ class TableSpec(_Strict):
     tolerance: float = Field(ge=0, description="absolute, in the columns' unit")
     seeds: list[int] = Field(default_factory=lambda: [0])
     rows: list[Row] = Field(min_length=1)
+    sweep: SweepSpec | None = Field(None, description="the table is a grid: run it as a sweep")
 
     @field_validator("seeds")
     @classmethod
@@ -134,6 +150,12 @@ class TableSpec(_Strict):
             if unknown:
                 raise ValueError(f"row {row.id!r}: reported values for unknown columns "
                                  f"{unknown}; columns: {', '.join(keys)}")
+        if self.sweep is not None:
+            for row in self.rows:
+                missing = [f for f in self.sweep.row_fields if config_value(row.config, f) is None]
+                if missing:
+                    raise ValueError(f"row {row.id!r}: a sweep row's config must set the swept "
+                                     f"fields {missing} (sweep.row_fields)")
         return self
 
     def column_tolerance(self, column: Column) -> float:
@@ -144,6 +166,22 @@ class TableSpec(_Strict):
             if row.id == row_id:
                 return row
         raise KeyError(row_id)
+
+
+def _check_metric(value: str) -> str:
+    if not METRIC.match(value):
+        raise ValueError(f"metric must be a dotted path like 'verified_acc.ibp', got {value!r}")
+    return value
+
+
+def config_value(config: dict[str, Any], path: str) -> Any:
+    """config["a"]["b"] for "a.b"; None where missing."""
+    value: Any = config
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
 
 
 def _check_seeds(value: list[int]) -> list[int]:

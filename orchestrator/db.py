@@ -1,7 +1,7 @@
 """SQL schema and engine of the job store (SQLAlchemy 2 declarative; schema changes via Alembic).
 
 Tables: ``jobs``, ``rows`` (one training config of a job), ``attempts`` (one per time a dispatcher
-took a row) and ``idempotency_keys``. Only portable types are used (``sa.JSON``,
+took a row), ``idempotency_keys`` and ``trials`` (the Ray Tune trials of a sweep job). Only portable types are used (``sa.JSON``,
 ``DateTime(timezone=True)``) so the embedded SQLite store and PostgreSQL hold the same data.
 
 ``make_engine`` builds an engine with the settings the store relies on:
@@ -108,6 +108,10 @@ class Job(Base):
         passive_deletes=True,
     )
 
+    trials: Mapped[list["SweepTrial"]] = relationship(
+        order_by="SweepTrial.trial_id", cascade="all, delete-orphan", passive_deletes=True,
+    )
+
     __table_args__ = (
         sa.Index("ix_jobs_created_at_id", "created_at", "id"),
         sa.Index("ix_jobs_status", "status"),
@@ -167,6 +171,28 @@ class Attempt(Base):
     row: Mapped[Row] = relationship(back_populates="attempt_log")
 
     __table_args__ = (sa.UniqueConstraint("row_id", "number", name="uq_attempts_row_id_number"),)
+
+
+class SweepTrial(Base):
+    """One Ray Tune trial of a sweep job, as the sweep's driver last reported it."""
+    __tablename__ = "trials"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(
+        sa.String(32), sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
+    trial_id: Mapped[str] = mapped_column(sa.String(64))
+    status: Mapped[str] = mapped_column(sa.String(16))
+    params: Mapped[Any] = mapped_column(sa.JSON, nullable=False)
+    metrics: Mapped[Any] = mapped_column(sa.JSON, nullable=False)
+    epoch: Mapped[int] = mapped_column(sa.Integer, default=0)
+    final: Mapped[bool] = mapped_column(sa.Boolean, default=False)  # certified after training
+    stopped_early: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    mlflow_run_id: Mapped[str | None] = mapped_column(sa.String(64))
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (sa.UniqueConstraint("job_id", "trial_id", name="uq_trials_job_id_trial_id"),)
 
 
 class IdempotencyKey(Base):

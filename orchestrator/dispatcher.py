@@ -6,9 +6,14 @@ Each tick it (1) stops rows whose job was cancelled, (2) records the rows whose 
 into the store, and (4) claims due rows up to the cluster's capacity and submits them. Rows whose
 lease expired (their dispatcher died) are due again, so a restarted service picks them up and they
 resume from their last checkpoint. Every store write is fenced by this dispatcher's owner id.
+
+A sweep job's row runs the same way, as a task that drives Ray Tune (orchestrator.sweeps); its
+trials' states come from the sweep's state file each tick, as a row's progress does, and a sweep
+that is picked up again restores its Tuner.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -22,6 +27,7 @@ from workers.recorder import read_progress
 from .execution import RayExecutor, RowHandle
 from .settings import Settings
 from .store import JobStore, RowView
+from .sweep_state import read_state
 
 log = logging.getLogger("certrepro.dispatcher")
 
@@ -34,6 +40,7 @@ class Dispatcher:
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.running: dict[str, RowHandle] = {}
         self._reported: dict[str, int] = {}  # row -> last epoch written to the store
+        self.sweeps: dict[str, str] = {}  # sweep row -> its job; value: last trial state stored
         self._last_renewal = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -82,7 +89,12 @@ class Dispatcher:
             self._reported.pop(row_id, None)
             if handle is not None:
                 self.executor.cancel(handle)
+            if row_id in self.sweeps:
+                self._sync_trials(row_id, handle)
             self.store.finish_cancelled(row_id, self.owner)
+            if row_id in self.sweeps:
+                self.sweeps.pop(row_id)
+                self._cancel_trials(row_id)
             if self.tracking is not None:
                 self.tracking.row_ended(row_id, "KILLED")
             self._job_changed_for(row_id)
@@ -92,6 +104,9 @@ class Dispatcher:
             del self.running[handle.row_id]
             self._reported.pop(handle.row_id, None)
             result, error = self.executor.outcome(handle)
+            if handle.row_id in self.sweeps:
+                self._sync_trials(handle.row_id, handle, (result or {}).pop("trials", None))
+                self.sweeps.pop(handle.row_id)
             if error is None:
                 self.store.complete_row(handle.row_id, self.owner, result)
                 if self.tracking is not None:
@@ -108,6 +123,8 @@ class Dispatcher:
         """Copy each running row's progress file into the store when its epoch moved (every
         tick, so "epoch k of n" is current within a poll interval)."""
         for row_id, handle in list(self.running.items()):
+            if row_id in self.sweeps:
+                self._sync_trials(row_id, handle)
             progress = read_progress(handle.workdir / "progress.json")
             if not progress or self._reported.get(row_id) == progress["epoch"]:
                 continue
@@ -129,6 +146,7 @@ class Dispatcher:
         self.executor.cancel(handle)
         self.running.pop(row_id, None)
         self._reported.pop(row_id, None)
+        self.sweeps.pop(row_id, None)
 
     def _claim_and_submit(self) -> None:
         free = self.executor.capacity() - len(self.running)
@@ -141,6 +159,10 @@ class Dispatcher:
 
     def _submit(self, row: RowView) -> None:
         workdir = self.settings.runs_dir / row.job_id / row.id
+        job = self.store.get_job(row.job_id)
+        if job.kind == "sweep":
+            self._submit_sweep(job, row, workdir)
+            return
         recorder = None
         if self.tracking is not None:
             try:
@@ -152,6 +174,43 @@ class Dispatcher:
                 log.warning("MLflow unavailable for row %s: %s", row.id, error)
                 recorder = None
         self.running[row.id] = self.executor.submit(row.id, row.config, workdir, recorder)
+
+    # -- sweeps -------------------------------------------------------------------------------
+
+    def _submit_sweep(self, job, row: RowView, workdir) -> None:
+        from .sweeps import submit_sweep, sweep_context
+        ctx = sweep_context(job, row, workdir, self.settings, self.tracking)
+        if ctx.parent_run_id:
+            self.store.record_progress(row.id, self.owner, epoch=row.progress["epoch"],
+                                       epochs=int(ctx.sweep["trials"]), metrics=row.metrics,
+                                       mlflow_run_id=ctx.parent_run_id)
+        self.sweeps[row.id] = ""
+        self.running[row.id] = submit_sweep(ctx, row.id)
+
+    def _sync_trials(self, row_id: str, handle: RowHandle | None,
+                     trials: list[dict] | None = None) -> None:
+        """The sweep's trials (from its state file, or its final result) into the store when
+        they changed since the last copy."""
+        if trials is None and handle is not None:
+            trials = (read_state(handle.workdir) or {}).get("trials")
+        if not trials:
+            return
+        text = json.dumps(trials, sort_keys=True, default=str)
+        if self.sweeps.get(row_id) == text:
+            return
+        if self.store.record_trials(row_id, self.owner, trials):
+            self.sweeps[row_id] = text
+
+    def _cancel_trials(self, row_id: str) -> None:
+        """A cancelled sweep: its unfinished trials are cancelled, their MLflow runs KILLED."""
+        row = self.store.get_row(row_id)
+        for trial in self.store.cancel_trials(row.job_id):
+            if self.tracking is not None and trial.get("mlflow_run_id"):
+                try:
+                    self.tracking.tracker.finish(trial["mlflow_run_id"], "KILLED")
+                except Exception as error:
+                    log.warning("could not close the MLflow run of trial %s: %s",
+                                trial["trial_id"], error)
 
     def _job_changed_for(self, row_id: str) -> None:
         if self.tracking is not None:

@@ -1,5 +1,6 @@
 """Turning a job request into the rows the store queues: a `run` job is one row; a `table` job is
-one row per selected spec row and seed. Every row's config is validated and fully resolved here,
+one row per selected spec row and seed; a `sweep` job is one row (the sweep, run by Ray Tune) whose
+trials are rows of the same runner. Every row's config is validated and fully resolved here,
 before anything is written. Rows whose method or certifier certrepro does not have yet are left
 out of the job and named, never faked."""
 from __future__ import annotations
@@ -14,7 +15,11 @@ from workers.core.certify import CERTIFIERS
 from workers.core.config import RunConfig, describe_errors, resolve
 from workers.core.methods import METHODS
 
+from . import sweep_space
 from .store import NewRow
+
+MAX_TRIALS = 1000
+CERTIFY_METRICS = ("clean_acc", "pgd_acc")  # plus verified_acc.<certifier>
 
 
 class JobRequestError(ValueError):
@@ -30,6 +35,7 @@ class Plan:
     rows: list[NewRow]
     not_implemented: list[dict[str, Any]] = field(default_factory=list)  # rows left out, and why
     dropped_certifiers: dict[str, list[str]] = field(default_factory=dict)  # row -> certifiers
+    sweep: dict[str, Any] | None = None  # a sweep job's settings, checked and with defaults
 
 
 def validated_config(config: dict[str, Any], where: str) -> dict[str, Any]:
@@ -80,3 +86,128 @@ def plan_table(spec_name: str, rows: list[str] | None, profile: str,
         reasons = "; ".join(f"{item['row']}: {item['reason']}" for item in plan.not_implemented)
         raise JobRequestError([("rows", f"no selected row can run yet ({reasons})")])
     return plan
+
+
+def plan_sweep(request: dict[str, Any]) -> Plan:
+    """One row (the sweep) and its settings: the base config (the request's `config`, or a spec
+    row, or a sweep spec's defaults, with `config` over it), the search space checked point by
+    point against RunConfig, the metric, the scheduler. Every problem is a (field, message)."""
+    base, source, defaults = _sweep_base(request)
+    dropped = [c for c in base.get("certifiers") or [] if c not in CERTIFIERS]
+    if dropped:
+        base = {**base, "certifiers": [c for c in base["certifiers"] if c in CERTIFIERS]}
+    space = request.get("search_space") or defaults.get("search_space")
+    try:
+        dims = sweep_space.parse_space(space)
+    except sweep_space.SpaceError as error:
+        raise JobRequestError(error.problems) from None
+    swept = {f for d in dims for f in d.fields}
+    if base.get("method") not in METHODS and "method" not in swept:
+        raise JobRequestError([("config.method", f"method {base.get('method')!r} is not "
+                                f"implemented yet; implemented: {', '.join(METHODS.names())}")])
+    resolved = validated_config(base, "config")
+    problems = []
+    for dim in dims:
+        problems += _check_dimension(base, dim)
+    metric = request.get("metric") or defaults.get("metric")
+    mode = request.get("mode") or defaults.get("mode")
+    problems += _check_metric(metric, resolved)
+    if mode not in ("max", "min"):
+        problems.append(("mode", f"must be max or min, got {mode!r}"))
+    num_samples = request.get("num_samples") or defaults.get("num_samples") or 1
+    total = num_samples * sweep_space.grid_size(dims)
+    if total > MAX_TRIALS:
+        problems.append(("num_samples", f"the sweep would run {total} trials (num_samples "
+                         f"{num_samples} x grid points); at most {MAX_TRIALS}"))
+    try:
+        scheduler = sweep_space.parse_scheduler(
+            request.get("scheduler") or defaults.get("scheduler"), resolved["epochs"])
+    except sweep_space.SpaceError as error:
+        problems += error.problems
+        scheduler = None
+    if problems:
+        raise JobRequestError(problems)
+    resources = request.get("resources_per_trial") or {}
+    sweep = {
+        "search_space": {d.key: d.to_json() for d in dims},
+        "metric": metric, "mode": mode, "num_samples": num_samples, "trials": total,
+        "scheduler": scheduler,
+        "max_concurrent_trials": request.get("max_concurrent_trials"),
+        "resources_per_trial": {"cpu": float(resources.get("cpu", 1.0)),
+                                "gpu": float(resources.get("gpu", 0.0))},
+        "max_failures": request.get("max_failures", 1),
+        "source": source,
+    }
+    plan = Plan([NewRow(name="sweep", config=resolved, seed=resolved["seed"])], sweep=sweep)
+    if dropped:
+        plan.dropped_certifiers["sweep"] = dropped
+    return plan
+
+
+def _sweep_base(request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict]:
+    """(base config, where it came from, the spec's sweep defaults)."""
+    config = request.get("config") or {}
+    spec_name, row_id = request.get("spec"), request.get("row")
+    profile = request.get("profile") or "quick"
+    if spec_name is None:
+        if row_id is not None:
+            raise JobRequestError([("row", "a row needs its spec: give spec as well")])
+        if not config:
+            raise JobRequestError([("config", "give the base configuration (config), or a "
+                                    "spec with a sweep, or a spec and one of its rows")])
+        return dict(config), {"kind": "config"}, {}
+    try:
+        spec = experiments.load_spec(spec_name)
+    except ValueError as error:
+        raise JobRequestError([("spec", str(error))]) from None
+    if row_id is not None:
+        try:
+            ((_, _, row_config),) = experiments.row_configs(spec, profile, [row_id], None)[:1]
+        except experiments.UnknownRow as error:
+            raise JobRequestError([("row", str(error))]) from None
+        defaults: dict[str, Any] = {}
+    elif spec.sweep is None:
+        raise JobRequestError([("spec", f"spec {spec_name!r} is not a sweep; name one of its "
+                                f"rows ({', '.join(r.id for r in spec.rows)}) as `row`")])
+    else:
+        row_config = experiments.sweep_base_config(spec, profile)
+        defaults = spec.sweep.model_dump()
+    base = experiments.deep_merge(row_config, config)
+    return base, {"kind": "spec", "spec": spec_name, "row": row_id, "profile": profile}, defaults
+
+
+def _check_dimension(base: dict[str, Any], dim: sweep_space.Dimension) -> list[tuple[str, str]]:
+    """Every value a dimension can take must make a valid config (its field must exist)."""
+    where = f"search_space.{dim.key}"
+    for assignment in dim.assignments():
+        try:
+            config = base
+            for field_name, value in assignment.items():
+                config = sweep_space.assign(config, field_name, value)
+            validated_config(config, "")
+        except ValueError as error:
+            problems = getattr(error, "problems", None) or [("", str(error))]
+            value = next(iter(assignment.values())) if len(assignment) == 1 else list(
+                assignment.values())
+            return [(where, f"{_prefix(inner)}{message} (value {value!r})")
+                    for inner, message in problems]
+    return []
+
+
+def _prefix(inner: str) -> str:
+    """The field a config error names inside a search-space entry ("" for the whole config)."""
+    inner = inner.strip(".")
+    return "" if inner in ("", "config") else f"{inner}: "
+
+
+def _check_metric(metric: Any, config: dict[str, Any]) -> list[tuple[str, str]]:
+    certified = list(CERTIFY_METRICS) + [f"verified_acc.{c}" for c in config["certifiers"]]
+    allowed = (f"{', '.join(certified)} (certified on the test subset, evaluated every epoch), "
+               "or a per-epoch training statistic of the method such as loss")
+    if not isinstance(metric, str) or not experiments.schema.METRIC.match(metric):
+        return [("metric", f"expected a metric name; allowed: {allowed}")]
+    if metric.startswith("verified_acc.") and metric not in certified:
+        return [("metric", f"{metric} needs certifier {metric.split('.', 1)[1]!r} in the "
+                           f"config's certifiers ({', '.join(config['certifiers']) or 'none'}); "
+                           f"allowed: {allowed}")]
+    return []

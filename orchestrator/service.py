@@ -82,7 +82,11 @@ class Tracking:
 
 
 def job_table(job: JobView) -> dict[str, Any]:
-    """The job's table so far: the spec's rows with our numbers beside the paper's."""
+    """The job's table so far: the spec's rows with our numbers beside the paper's (a sweep's:
+    its trials, or the paper's grid for a spec that is a sweep)."""
+    if job.kind == "sweep":
+        from .sweep_report import sweep_table
+        return sweep_table(job)
     spec = experiments.load_spec(job.spec) if job.spec else experiments.adhoc_spec(job.rows[0].config)
     outcomes = [RowOutcome(row.name if job.spec else spec.rows[0].id, row.seed, row.status,
                            (row.result or {}).get("metrics") or {}, row.error)

@@ -42,6 +42,7 @@ from orchestrator.db import (
     IdempotencyKey,
     Job,
     Row,
+    SweepTrial,
     make_engine,
     new_id,
     normalize_url,
@@ -117,9 +118,16 @@ class JobView:
     created_at: str
     updated_at: str
     rows: list[RowView] = field(default_factory=list)
+    trials: list[dict] = field(default_factory=list)  # a sweep job's trials (TRIAL_FIELDS)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# What a sweep trial record holds (the dispatcher writes them from the sweep's state file).
+TRIAL_FIELDS = ("trial_id", "status", "params", "metrics", "epoch", "final", "stopped_early",
+                "mlflow_run_id", "error")
+TRIAL_TERMINAL = frozenset({"succeeded", "stopped", "failed", "cancelled"})
 
 
 class StoreError(Exception):
@@ -158,12 +166,16 @@ def _row_view(r: Row) -> RowView:
     )
 
 
+def _trial_dict(t: SweepTrial) -> dict:
+    return {name: getattr(t, name) for name in TRIAL_FIELDS} | {"updated_at": _iso(t.updated_at)}
+
+
 def _job_view(j: Job) -> JobView:
     return JobView(
         id=j.id, kind=j.kind, status=j.status, spec=j.spec, profile=j.profile, body=j.body,
         cancel_requested=bool(j.cancel_requested), mlflow_run_id=j.mlflow_run_id, error=j.error,
         created_at=_iso(j.created_at), updated_at=_iso(j.updated_at),
-        rows=[_row_view(r) for r in j.rows],
+        rows=[_row_view(r) for r in j.rows], trials=[_trial_dict(t) for t in j.trials],
     )
 
 
@@ -259,7 +271,8 @@ class JobStore:
     def _load_job(s: Session, job_id: str) -> Job | None:
         return s.execute(
             select(Job).where(Job.id == job_id)
-            .options(selectinload(Job.rows).selectinload(Row.attempt_log))
+            .options(selectinload(Job.rows).selectinload(Row.attempt_log),
+                     selectinload(Job.trials))
             .execution_options(populate_existing=True)
         ).scalar_one_or_none()
 
@@ -444,7 +457,8 @@ class JobStore:
             query = query.where(or_(Job.created_at < created_at,
                                     and_(Job.created_at == created_at, Job.id < job_id)))
         query = (query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-                 .options(selectinload(Job.rows).selectinload(Row.attempt_log)))
+                 .options(selectinload(Job.rows).selectinload(Row.attempt_log),
+                          selectinload(Job.trials)))
         with self._read() as s:
             jobs = s.execute(query).scalars().all()
             more = len(jobs) > limit
@@ -672,6 +686,50 @@ class JobStore:
             s.flush()
             self._recompute(s, job, now)
             return True
+
+
+    # -- sweep trials ------------------------------------------------------------------------
+
+    def record_trials(self, row_id: str, owner: str, trials: list[dict]) -> bool:
+        """Insert or update a sweep's trials (by trial id) from its driver's latest state; fenced
+        by the sweep row's lease like every dispatcher write."""
+        for trial in trials:
+            _canonical_json({k: trial.get(k) for k in TRIAL_FIELDS}, "trial")
+        now = utcnow()
+        with self._write() as s:
+            row = self._fenced_row(s, row_id, owner)
+            if row is None:
+                return False
+            existing = {t.trial_id: t for t in s.execute(
+                select(SweepTrial).where(SweepTrial.job_id == row.job_id)).scalars()}
+            for trial in trials:
+                record = existing.get(trial["trial_id"])
+                if record is None:
+                    record = SweepTrial(job_id=row.job_id, trial_id=trial["trial_id"])
+                    s.add(record)
+                record.status = trial.get("status") or "queued"
+                record.params = trial.get("params") or {}
+                record.metrics = trial.get("metrics") or {}
+                record.epoch = int(trial.get("epoch") or 0)
+                record.final = bool(trial.get("final"))
+                record.stopped_early = bool(trial.get("stopped_early"))
+                record.mlflow_run_id = trial.get("mlflow_run_id")
+                record.error = trial.get("error")
+                record.updated_at = now
+            return True
+
+    def cancel_trials(self, job_id: str) -> list[dict]:
+        """Mark the trials of a cancelled sweep that had not ended as cancelled; returns them."""
+        now = utcnow()
+        with self._write() as s:
+            open_trials = s.execute(
+                select(SweepTrial).where(SweepTrial.job_id == job_id,
+                                         SweepTrial.status.not_in(TRIAL_TERMINAL))
+            ).scalars().all()
+            for trial in open_trials:
+                trial.status, trial.updated_at = "cancelled", now
+            s.flush()
+            return [_trial_dict(t) for t in open_trials]
 
 
 def _epochs_of(config: dict[str, Any]) -> int:

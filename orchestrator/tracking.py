@@ -8,7 +8,10 @@ Layout in MLflow:
 - one experiment per table spec (`ibp/table4`, ...) and `adhoc` for run jobs;
 - one parent run per job, tagged `certrepro.job_id=<job>` and `certrepro.kind=job`;
 - one nested run per row (`mlflow.parentRunId` = the job's run), tagged `certrepro.job_id`,
-  `certrepro.row_id` and `certrepro.kind=row`.
+  `certrepro.row_id` and `certrepro.kind=row`;
+- for a sweep job, one nested run per Ray Tune trial under the job's run, tagged
+  `certrepro.job_id`, `certrepro.trial_id` and `certrepro.kind=trial`; the best trial's config
+  and metrics go on the job's run when the sweep ends.
 
 Runs are found again by those tags, so a retried or resumed row continues its own run (a FAILED or
 KILLED one is set back to RUNNING) instead of opening a second one.
@@ -37,7 +40,8 @@ log = logging.getLogger(__name__)
 
 TAG_JOB = "certrepro.job_id"
 TAG_ROW = "certrepro.row_id"
-TAG_KIND = "certrepro.kind"  # "job" | "row"
+TAG_TRIAL = "certrepro.trial_id"
+TAG_KIND = "certrepro.kind"  # "job" | "row" | "trial"
 TAG_PARAMS_CHANGED = "certrepro.params_changed"  # JSON {key: {"logged": old, "new": new}}
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -182,11 +186,36 @@ class MLflowTracker(_ClientHolder):
         (job, row) so that a retried or resumed row continues its own run; a FAILED or KILLED one
         is set back to RUNNING."""
         key = {TAG_JOB: str(job_id), TAG_ROW: str(row_id), TAG_KIND: "row"}
+        return self._nested_recorder(experiment, key, parent_run_id, tags, run_name)
+
+    def trial_recorder(self, experiment: str, job_id: str, trial_id: str,
+                       parent_run_id: str | None, tags: dict[str, str] | None = None,
+                       run_name: str | None = None) -> "MLflowRecorder":
+        """A recorder on a sweep trial's run, nested under the sweep's run and found again by
+        (job, trial): a trial that Tune retries or restores continues its own run."""
+        key = {TAG_JOB: str(job_id), TAG_TRIAL: str(trial_id), TAG_KIND: "trial"}
+        return self._nested_recorder(experiment, key, parent_run_id, tags, run_name)
+
+    def _nested_recorder(self, experiment: str, key: dict[str, str], parent_run_id: str | None,
+                         tags: dict[str, str] | None, run_name: str | None) -> "MLflowRecorder":
         extra = dict(tags or {})
         if parent_run_id:
             extra[MLFLOW_PARENT_RUN_ID] = parent_run_id
         run_id = self._get_or_create(experiment, key, extra, run_name)
         return MLflowRecorder(self.tracking_uri, run_id)
+
+    def log_best_trial(self, run_id: str, best: dict[str, Any], config: dict[str, Any]) -> None:
+        """The best trial of a sweep on the sweep's run: its id and sampled values as tags, its
+        metrics as `best.<name>`, its full resolved config as best_config.json. Tags and metrics
+        (not params) so that a sweep that is resumed and ends again can update them."""
+        recorder = MLflowRecorder(self.tracking_uri, run_id)
+        recorder.set_tags({"certrepro.best_trial": best["trial_id"],
+                           "certrepro.best_params": json.dumps(best["params"], sort_keys=True),
+                           **{f"best.{k}": v for k, v in best["params"].items()}})
+        recorder.log_metrics({f"best.{k}": v for k, v in best["metrics"].items()}, step=0)
+        recorder.log_text(json.dumps({"trial_id": best["trial_id"], "params": best["params"],
+                                      "metrics": best["metrics"], "config": config},
+                                     indent=1, sort_keys=True), "best_config.json")
 
     def _get_or_create(self, experiment: str, key: dict[str, str],
                        tags: dict[str, str] | None, run_name: str | None) -> str:

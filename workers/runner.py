@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -53,7 +53,10 @@ def certify_model(model: nn.Module, config: RunConfig, show_progress: bool = Fal
 
 def run_row(config: RunConfig | dict[str, Any], workdir: str | os.PathLike,
             recorder: Recorder | None = None, resume: bool = True,
-            show_progress: bool = False) -> dict[str, Any]:
+            show_progress: bool = False,
+            after_epoch: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """`after_epoch(epoch, metrics)` runs after each epoch's checkpoint is written and recorded
+    (a sweep trial reports to Ray Tune there, so a scheduler can stop it between epochs)."""
     config = resolve(config)
     recorder = recorder or NullRecorder()
     workdir = Path(workdir)
@@ -65,6 +68,8 @@ def run_row(config: RunConfig | dict[str, Any], workdir: str | os.PathLike,
 
     def on_epoch(epoch: int, means: dict[str, float], seconds: float) -> None:
         recorder.log_metrics({**means, "sec_per_epoch": seconds}, step=epoch)
+        if after_epoch is not None:
+            after_epoch(epoch, {**means, "sec_per_epoch": seconds})
 
     began = time.perf_counter()
     trained = train(config, x, y, checkpoint, resume=resume, on_epoch=on_epoch,

@@ -94,7 +94,7 @@ def test_table_job_has_one_row_per_selected_row_and_seed(client):
     ({"kind": "run", "config": {"eps": 30}}, 422, ["config.eps", "[0, 1]"]),
     ({"kind": "run", "config": {"colour": "red"}}, 422, ["config.colour", "unknown field"]),
     ({"kind": "run"}, 422, ["config", "Field required"]),
-    ({"kind": "sweep", "config": {}}, 422, ["sweep jobs are not supported yet"]),
+    ({"kind": "sweep", "config": {}}, 422, ["config", "give the base configuration"]),
     ({"kind": "dance"}, 422, ["kind"]),
     ({"kind": "table", "spec": "demo/digits", "seeds": "0"}, 422, ["seeds"]),
     ({"kind": "table", "spec": "demo/digits", "seeds": [-1]}, 422, ["seeds"]),
