@@ -272,7 +272,12 @@ def add_client_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_submit_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", help="a table spec name (e.g. ibp/table4) or a run config YAML")
+    parser.add_argument("what", nargs="?",
+                        help="a table spec name (e.g. ibp/table4) or a run config YAML")
+    parser.add_argument("--sweep", metavar="SWEEP.yaml",
+                        help="submit a sweep: a YAML with the sweep job's fields (config or "
+                             "spec [and row], search_space, metric, mode, num_samples, scheduler, "
+                             "max_concurrent_trials, resources_per_trial)")
     parser.add_argument("--profile", choices=["quick", "paper"], default="quick")
     parser.add_argument("--rows", help="comma-separated row ids of the table (default: all)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
@@ -283,7 +288,14 @@ def add_submit_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from .client import Client, follow, format_status
-    if args.what.endswith((".yaml", ".yml")):
+    if args.sweep:
+        if args.what:
+            raise UsageError("give either a table or run config, or --sweep SWEEP.yaml")
+        body = {**read_yaml(args.sweep), "kind": "sweep"}
+    elif not args.what:
+        raise UsageError("nothing to submit: give a table spec name, a run config YAML or "
+                         "--sweep SWEEP.yaml")
+    elif args.what.endswith((".yaml", ".yml")):
         body = {"kind": "run", "config": read_yaml(args.what)}
     else:
         try:
@@ -295,7 +307,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             body["rows"] = [row.strip() for row in args.rows.split(",") if row.strip()]
     client = Client(args.url)
     job = client.submit(body, args.idempotency_key)
-    print(f"submitted job {job['id']} ({len(job['rows'])} rows)")
+    size = (f"{job['sweep']['trials']} trials" if job["kind"] == "sweep"
+            else f"{len(job['rows'])} rows")
+    print(f"submitted job {job['id']} ({size})")
     if args.follow:
         job = follow(client, job["id"])
         print(client.table(job["id"], "md"))
@@ -335,7 +349,7 @@ def cmd_table(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "serve": ("run the service: API, dispatcher, Ray, MLflow", add_serve_args, cmd_serve),
     "submit": ("submit a table or a run config to the service", add_submit_args, cmd_submit),
-    "status": ("show a job's rows and progress", add_status_args, cmd_status),
+    "status": ("show a job's rows (a sweep's trials) and progress", add_status_args, cmd_status),
     "table": ("print a job's table beside the paper's numbers", add_table_args, cmd_table),
     "run": ("train, certify and write the result JSON", add_run_args, cmd_run),
     "certify": ("certify a saved checkpoint", add_certify_args, cmd_certify),

@@ -80,12 +80,40 @@ def format_status(job: dict[str, Any], width: int = 24) -> str:
                      f"[{'#' * filled}{'.' * (width - filled)}] {epoch}/{epochs}  "
                      f"attempts {row['attempts']}  {shown}"
                      + (f"\n      error: {row['error']}" if row.get("error") else ""))
+    if job["kind"] == "sweep":
+        lines += format_trials(job)
     return "\n".join(lines)
 
 
+def format_trials(job: dict[str, Any]) -> list[str]:
+    """A sweep's trials, one line each (status, epoch, sampled values, the sweep's metric), and
+    the best trial so far."""
+    sweep = job.get("sweep") or {}
+    metric = sweep.get("metric") or ""
+    lines = [f"  sweep: {sweep.get('mode')} {metric}, {len(job.get('trials') or [])} of "
+             f"{sweep.get('trials')} trials started"]
+    lines += [trial_line(trial, metric) for trial in job.get("trials") or []]
+    best = job.get("best")
+    if best:
+        values = ", ".join(f"{k}={v}" for k, v in best["params"].items())
+        lines.append(f"  best{'' if best['final'] else ' so far'}: {best['trial_id']}  "
+                     f"{metric} {best['value']:.4f}  {values}")
+    return lines
+
+
+def trial_line(trial: dict[str, Any], metric: str) -> str:
+    values = ", ".join(f"{k}={v}" for k, v in (trial.get("params") or {}).items())
+    value = (trial.get("metrics") or {}).get(metric)
+    shown = f"{metric} {value:.4f}" if isinstance(value, (int, float)) else ""
+    notes = ("  stopped early" if trial.get("stopped_early") else "") + (
+        f"\n      error: {trial['error']}" if trial.get("error") else "")
+    return (f"  trial {trial['trial_id']:14} {trial['status']:9} epoch {trial.get('epoch', 0):<4} "
+            f"{shown:24} {values}{notes}")
+
+
 def follow(client: Client, job_id: str, interval: float = 1.0, out=sys.stdout) -> dict[str, Any]:
-    """Print a line for each row whose status or epoch changed, until the job ends; then the
-    job's full status. Returns the final job."""
+    """Print a line for each row (or sweep trial) whose status or epoch changed, until the job
+    ends; then the job's full status. Returns the final job."""
     seen: dict[str, tuple[str, int]] = {}
     while True:
         job = client.job(job_id)
@@ -94,6 +122,12 @@ def follow(client: Client, job_id: str, interval: float = 1.0, out=sys.stdout) -
             if seen.get(row["id"]) != state:
                 seen[row["id"]] = state
                 print(format_status({**job, "rows": [row]}).splitlines()[1], file=out, flush=True)
+        for trial in job.get("trials") or []:
+            state = (trial["status"], trial.get("epoch", 0))
+            if seen.get(trial["trial_id"]) != state:
+                seen[trial["trial_id"]] = state
+                print(trial_line(trial, (job.get("sweep") or {}).get("metric", "")), file=out,
+                      flush=True)
         if job["status"] in TERMINAL:
             print(format_status(job), file=out, flush=True)
             return job

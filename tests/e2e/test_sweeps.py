@@ -155,3 +155,37 @@ def test_restart_mid_sweep_resumes_without_rerunning_finished_trials(mlflow_serv
         if run.data.tags["certrepro.trial_id"] in stamps:
             assert sorted(steps) == [1, 2, 3, 4], steps
         assert set(steps) == {1, 2, 3, 4}
+
+
+def test_cli_submits_a_sweep_and_lists_its_trials(service, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    def certrepro(*args):
+        env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        return subprocess.run([sys.executable, "-m", "certrepro", *args, "--url",
+                               service.client.url], env=env, capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "config": dict(BASE, epochs=1), "metric": "verified_acc.ibp", "mode": "max",
+        "search_space": {"eps_train": {"grid": [0.05, 0.1]}}}))
+    done = certrepro("submit", "--sweep", str(sweep), "--follow")
+    assert done.returncode == 0, done.stderr
+    assert "(2 trials)" in done.stdout and "best: " in done.stdout
+    job_id = done.stdout.split()[2]
+    status = certrepro("status", job_id)
+    assert status.returncode == 0, status.stderr
+    trial_lines = [line for line in status.stdout.splitlines() if line.strip().startswith("trial ")]
+    assert len(trial_lines) == 2 and all("succeeded" in line for line in trial_lines)
+    assert "eps_train=0.05" in status.stdout and "eps_train=0.1" in status.stdout
+
+    sweep.write_text(yaml.safe_dump({"config": BASE, "metric": "clean_acc", "mode": "max",
+                                     "search_space": {"eps_train": {"uniform": [0.3, 0.1]}}}))
+    bad = certrepro("submit", "--sweep", str(sweep))
+    assert bad.returncode == 2 and "low (0.3) is greater than high (0.1)" in bad.stderr
+    assert "Traceback" not in bad.stderr
