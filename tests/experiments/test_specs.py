@@ -58,7 +58,8 @@ def test_row_configs_are_complete_and_valid(name, profile):
         resolved = resolve(RunConfig.model_validate({**config, "certifiers": available}))
         assert resolved.eps_train is not None
         validated += 1
-    assert validated > 0
+    # a spec whose methods are all still being built loads and lists, and validates none
+    assert validated > 0 or all(c["method"] not in METHODS for _, _, c in configs)
 
 
 @pytest.mark.parametrize("name", SPECS)
