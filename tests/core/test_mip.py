@@ -7,6 +7,7 @@ from torch import nn
 
 from workers.core.attacks import PGD
 from workers.core.bounds import PerturbationSet, ibp_margin_bounds
+from workers.core.bounds.linear import linear_margin_bounds
 from workers.core.certify import CERTIFIERS
 from workers.core.config import RunConfig, resolve
 from workers.core.data import load_split
@@ -108,10 +109,16 @@ def test_mip_equals_dense_grid_search_on_2d_nets():
 
 
 def check_chain(model, x, y, perturbation, tighten=False):
-    """IBP lower bound <= exact MIP minimum <= the margin at PGD's point, every target."""
+    """Every incomplete bound (IBP, Fast-Lin, CROWN-IBP, CROWN) <= exact MIP minimum <= the
+    margin at PGD's point, every target."""
     lower, upper = mip_min_margins(model, x, y, perturbation, time_limit=30, tighten=tighten)
     assert np.nanmax(upper - lower) < 1e-5
     ibp = ibp_margin_bounds(model, x, perturbation, y).detach().double().numpy()
+    incomplete = {"ibp": ibp}
+    for name, method, intermediate in [("fastlin", "fastlin", "same"),
+                                       ("crown_ibp", "crown", "ibp"), ("crown", "crown", "same")]:
+        incomplete[name] = linear_margin_bounds(model, x, perturbation, y, method=method,
+                                                intermediate=intermediate).detach().double().numpy()
     generator = torch.Generator().manual_seed(0)
     attacked = np.full(lower.shape, np.inf)
     for _ in range(3):
@@ -124,7 +131,8 @@ def check_chain(model, x, y, perturbation, tighten=False):
         for j in range(lower.shape[1]):
             if j == y[b]:
                 continue
-            assert ibp[b, j] <= upper[b, j] + 1e-5, (b, j, ibp[b, j], upper[b, j])
+            for name, bound in incomplete.items():
+                assert bound[b, j] <= upper[b, j] + 1e-5, (name, b, j, bound[b, j], upper[b, j])
             assert lower[b, j] <= attacked[b, j] + 1e-5, (b, j, lower[b, j], attacked[b, j])
     return lower, ibp
 

@@ -18,8 +18,10 @@ from workers.core.models import (
     count_parameters,
 )
 
-ALL_MODELS = ["small", "medium", "large", "mlp2x100", "mlp3x100", "4C3F", "6C2F", "8C2F"]
-CONV_MODELS = ["small", "medium", "large", "4C3F", "6C2F", "8C2F"]
+ALL_MODELS = ["small", "medium", "large", "mlp2x100", "mlp3x100", "4C3F", "6C2F", "8C2F",
+              "wong_small", "wong_large", "xlarge"]
+CONV_MODELS = ["small", "medium", "large", "4C3F", "6C2F", "8C2F", "wong_small", "wong_large",
+               "xlarge"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

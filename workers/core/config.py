@@ -40,7 +40,8 @@ class OptimizerConfig(_Strict):
     lr_milestones: list[float] | None = Field(
         None, description="epochs at which a step schedule multiplies lr by lr_factor; "
                           "None: the method's paper milestones")
-    lr_factor: float = Field(0.1, gt=0, le=1)
+    lr_factor: float | None = Field(None, gt=0, le=1,
+                                    description="None: the method's paper factor (IBP: 0.1)")
     end_lr: float | None = Field(None, gt=0, description="exponential schedule: final lr")
     decay_start: float | None = Field(None, ge=0, description="exponential schedule: epoch m")
     weight_decay: float = Field(0.0, ge=0)
@@ -160,6 +161,8 @@ def resolve(config: RunConfig | dict[str, Any]) -> RunConfig:
     if optimizer.lr_milestones is None:
         optimizer = optimizer.model_copy(update={"lr_milestones": [
             f * config.epochs for f in method.lr_milestone_fractions]})
+    if optimizer.lr_factor is None:
+        optimizer = optimizer.model_copy(update={"lr_factor": method.lr_factor})
     options = method.Options(**config.method_options).model_dump()
     return config.model_copy(update=updates | {
         "schedule": schedule, "optimizer": optimizer, "method_options": options})

@@ -9,6 +9,7 @@ Architectures:
   paper's toy experiment (Section 4.3).
 - `4C3F`, `6C2F`, `8C2F`: the conv nets of the BCP and Local-Lip papers (Local-Lip appendix C.1,
   C(channels, kernel, stride, padding) then F(units)).
+- `wong_small`, `wong_large`, `xlarge`: the nets of 003 (see the comment at their registration).
 """
 from __future__ import annotations
 
@@ -101,6 +102,17 @@ _conv_model("6C2F", [(32, 3, 1, 1), (32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1),
                      (64, 4, 2, 1)], [512])
 _conv_model("8C2F", [(64, 3, 1, 1), (64, 3, 1, 1), (64, 4, 2, 0), (128, 3, 1, 1), (128, 3, 1, 1),
                      (128, 4, 2, 0), (256, 3, 1, 1), (256, 4, 2, 0)], [256])
+
+# 003 (Appendix C) uses Wong et al.'s nets; 003 gives channels and widths only, the kernels,
+# strides and paddings are Wong et al.'s (2018): `wong_small` is conv 16, 32 (4x4, stride 2,
+# padding 1) + FC 100; `wong_large` is the same net as `4C3F`. `xlarge` is the 5-layer conv net
+# of CROWN-IBP's latest version, which is the IBP paper's `large` (CROWN-IBP's "DM-large").
+# 003's families of 10 small and 8 large CROWN-IBP models (Tables 2 and 4) are not defined in
+# 003's text ("the same as Zhang et al."), so they are not registered.
+_conv_model("wong_small", [(16, 4, 2, 1), (32, 4, 2, 1)], [100])
+_conv_model("wong_large", [(32, 3, 1, 1), (32, 4, 2, 1), (64, 3, 1, 1), (64, 4, 2, 1)], [512, 512])
+_conv_model("xlarge", [(64, 3, 1, 1), (64, 3, 1, 1), (128, 3, 2, 1), (128, 3, 1, 1),
+                       (128, 3, 1, 1)], [512])
 
 
 def build_model(name: str, info: DatasetInfo) -> nn.Sequential:

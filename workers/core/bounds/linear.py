@@ -25,11 +25,12 @@ Intermediate pre-activation bounds (one box per ReLU) come either from IBP (`int
 CROWN-IBP) or from the same linear method, layer by layer, with the identity specification at each
 pre-activation (`intermediate="same"`: exact Fast-Lin / CROWN; its cost grows with the number of
 neurons, fine for small nets). A list of boxes (e.g. from `preactivation_bounds`) may also be
-passed. Wong et al.'s random-projection estimates are not implemented: they give no guarantee,
-so they could not back a certificate.
+passed, e.g. Wong et al.'s random-projection estimates of the Fast-Lin boxes (`projection.py`),
+which training may use; they give no guarantee, so no certifier does.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 import torch
@@ -103,10 +104,13 @@ def _sum_rest(t: torch.Tensor) -> torch.Tensor:
 
 
 def _backward(layers: list[nn.Module], shapes: list[torch.Size], boxes: dict[int, Box],
-              lam: torch.Tensor, bias: torch.Tensor, method: str
+              lam: torch.Tensor, bias: torch.Tensor, method: str,
+              record: dict[int, torch.Tensor] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pull Lambda z_L + bias back to Lambda_0 x + bias' through `layers` (whose output z_L
-    Lambda applies to). `boxes[i]` holds the input bounds of the ReLU layers[i]."""
+    Lambda applies to). `boxes[i]` holds the input bounds of the ReLU layers[i]. With `record`,
+    the Lambda that reaches each ReLU's output is stored under its index: its sign says which
+    line of the relaxation the optimum sits on (003's regularizer r needs it)."""
     batch, specs = lam.shape[:2]
     for index in range(len(layers) - 1, -1, -1):
         layer = layers[index]
@@ -137,6 +141,8 @@ def _backward(layers: list[nn.Module], shapes: list[torch.Size], boxes: dict[int
             lam = lam / std
             bias = bias - _sum_rest(lam * mean)
         elif isinstance(layer, nn.ReLU):
+            if record is not None:
+                record[index] = lam
             lower, upper = boxes[index]
             lower_slope, upper_slope, upper_intercept = _relu_relaxation(lower, upper, method)
             positive, negative = lam.clamp(min=0), lam.clamp(max=0)
@@ -165,6 +171,28 @@ def _minimize_over_input(lam: torch.Tensor, bias: torch.Tensor, x: torch.Tensor,
     center = x.flatten(1).to(lam.dtype)
     ball = torch.einsum("bsn,bn->bs", lam, center) - perturbation.eps * lam.norm(dim=2) + bias
     return torch.maximum(ball, box)
+
+
+def _input_minimizer(lam: torch.Tensor, bias: torch.Tensor, x: torch.Tensor,
+                     perturbation: PerturbationSet) -> torch.Tensor:
+    """A point x' of the set (B, S, *input shape) where Lambda_0 x' + bias attains the minimum
+    `_minimize_over_input` returns (003 Eq. 16: for l_inf the box corner opposite to the sign of
+    Lambda_0; for l_2 the minimizer of whichever of the ball and its clipped box gave the larger,
+    i.e. the returned, minimum; that point may lie outside the other set). Detached: 003 treats
+    delta_0 as given."""
+    lam = lam.detach()
+    batch, specs = lam.shape[:2]
+    flat = lam.reshape(batch, specs, -1)
+    low, high = perturbation.box(x)
+    low, high = low.flatten(1).to(lam.dtype), high.flatten(1).to(lam.dtype)
+    corner = torch.where(flat >= 0, low.unsqueeze(1), high.unsqueeze(1))
+    if perturbation.norm == "l2" and perturbation.eps > 0:
+        center = x.flatten(1).to(lam.dtype).unsqueeze(1)
+        norms = flat.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        ball = center - perturbation.eps * flat / norms
+        value = lambda point: (flat * point).sum(dim=2, keepdim=True)  # noqa: E731
+        corner = torch.where(value(ball) >= value(corner), ball, corner)
+    return corner.reshape(batch, specs, *x.shape[1:])
 
 
 def _ibp_boxes(layers: list[nn.Module], x: torch.Tensor, perturbation: PerturbationSet
@@ -232,16 +260,23 @@ def preactivation_bounds(model: nn.Module, x: torch.Tensor, perturbation: Pertur
     return [boxes[i] for i in sorted(boxes)]
 
 
-def linear_margin_bounds(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet,
-                         spec_or_labels: Specification | torch.Tensor, *, method: str = "crown",
-                         intermediate: Intermediate = "same", elide: bool = True
-                         ) -> torch.Tensor:
-    """Lower bounds (B, S) on the specification's margins C z over the perturbation set.
+@dataclass
+class LinearSolution:
+    """A linear bound with what 003's regularizers read from its optimum (when asked for)."""
+    lower: torch.Tensor  # (B, S) lower bounds on the margins
+    spec: Specification
+    boxes: dict[int, Box]  # the intermediate bounds used: ReLU index -> (lower, upper)
+    input_point: torch.Tensor | None = None  # (B, S, *input shape): a minimizer over the set
+    relu_coefficients: dict[int, torch.Tensor] = field(default_factory=dict)  # (B, S, *shape)
 
-    `spec_or_labels` is a Specification or a label tensor (then the margin specification
-    z_y - z_j for all classes j). `method`: "crown" (adaptive lower slopes) or "fastlin";
-    `intermediate`: "same" (the method itself, layer by layer), "ibp", or a list of ReLU input
-    boxes. With `elide` a last Linear layer is folded into C (C W, C b)."""
+
+def linear_margin_solution(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet,
+                           spec_or_labels: Specification | torch.Tensor, *, method: str = "crown",
+                           intermediate: Intermediate = "same", elide: bool = True,
+                           with_optimum: bool = True) -> LinearSolution:
+    """The bound of `linear_margin_bounds`; `with_optimum` adds the point of the input set where
+    the relaxed problem attains it and the Lambda reaching each ReLU (whose sign says which line
+    of the relaxation the optimum sits on)."""
     layers = layers_of(model)
     _check(layers, method)
     spec = spec_or_labels
@@ -257,8 +292,28 @@ def linear_margin_bounds(model: nn.Module, x: torch.Tensor, perturbation: Pertur
         lam = spec.matrix.to(x.dtype)
         bias = lam.new_zeros(lam.shape[:2])
     lam = lam.to(x.dtype).reshape(lam.shape[0], lam.shape[1], *shapes[len(layers)])
-    lam, bias = _backward(layers, shapes, boxes, lam, bias.to(x.dtype), method)
-    return _minimize_over_input(lam, bias, x, perturbation)
+    record: dict[int, torch.Tensor] | None = {} if with_optimum else None
+    lam, bias = _backward(layers, shapes, boxes, lam, bias.to(x.dtype), method, record)
+    lower = _minimize_over_input(lam, bias, x, perturbation)
+    if not with_optimum:
+        return LinearSolution(lower, spec, boxes)
+    point = _input_minimizer(lam, bias, x, perturbation)
+    return LinearSolution(lower, spec, boxes, point, record)
+
+
+def linear_margin_bounds(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet,
+                         spec_or_labels: Specification | torch.Tensor, *, method: str = "crown",
+                         intermediate: Intermediate = "same", elide: bool = True
+                         ) -> torch.Tensor:
+    """Lower bounds (B, S) on the specification's margins C z over the perturbation set.
+
+    `spec_or_labels` is a Specification or a label tensor (then the margin specification
+    z_y - z_j for all classes j). `method`: "crown" (adaptive lower slopes) or "fastlin";
+    `intermediate`: "same" (the method itself, layer by layer), "ibp", or a list of ReLU input
+    boxes. With `elide` a last Linear layer is folded into C (C W, C b)."""
+    return linear_margin_solution(model, x, perturbation, spec_or_labels, method=method,
+                                  intermediate=intermediate, elide=elide,
+                                  with_optimum=False).lower
 
 
 def crown_ibp_margin_bounds(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet,

@@ -37,6 +37,7 @@ class Method:
     warmup_fraction: ClassVar[float] = 0.0  # eps (and kappa) held at their start values
     rampup_fraction: ClassVar[float] = 0.0  # then ramped linearly over this many
     lr_milestone_fractions: ClassVar[tuple[float, ...]] = ()
+    lr_factor: ClassVar[float] = 0.1  # what a step schedule multiplies lr by at each milestone
 
     def __init__(self, config: Any):
         self.config = config  # the resolved RunConfig

@@ -55,6 +55,12 @@ class IBPTraining(Method):
         that methods with other bounds (CROWN-IBP) override."""
         return ibp_margin_bounds(model, x, state.perturbation, y, elide=self.options.elide)
 
+    def margin_bound(self, model, x, y, state) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                        dict[str, float]]:
+        """(margin lower bounds, a penalty added to the loss or None, its statistics): the hook
+        for methods that regularize the bound (003's d and r)."""
+        return self.margin_lower(model, x, y, state), None, {}
+
     def schedule_stats(self, t: float) -> dict[str, float]:
         return {"kappa": self.kappa(t)}
 
@@ -68,9 +74,12 @@ class IBPTraining(Method):
             loss = loss + kappa * fit
             stats.update(fit_loss=fit.detach(), train_acc=accuracy(logits, y))
         if kappa < 1:  # kappa = 1 (the warm-up) costs no bound pass
-            lower = self.margin_lower(model, x, y, state)
+            lower, penalty, penalty_stats = self.margin_bound(model, x, y, state)
             spec = spec_loss(lower, y, self.options.spec_loss)
             loss = loss + (1 - kappa) * spec
+            if penalty is not None:
+                loss = loss + penalty
+            stats.update(penalty_stats)
             others = ~F.one_hot(y, lower.shape[1]).bool()
             verified = (lower.masked_fill(~others, 1.0) > 0).all(dim=1).float().mean().detach()
             stats.update(spec_loss=spec.detach(), train_verified=verified)
