@@ -9,6 +9,10 @@ A step is what the trainer does per batch (workers/core/train.py): the method's 
                  the nominal pass when kappa == 0)
 - `ibp mixed`    IBP with kappa = 0.5: nominal pass + interval pass
 - `crown_ibp pure` CROWN-IBP with kappa = 0 and beta = 1: interval pass + CROWN backward pass
+- `lmt`, `gloro`, `bcp`, `local_lip_b`  the Lipschitz methods at l_2 eps 36/255 with lambda = 1
+                 (robust loss only), 2 power steps; a second table gives them over nominal and
+                 over `ibp pure` with the targets BCP <= 1.5x IBP and Local-Lip <= 1.5x BCP
+                 (`--rows` runs a subset; nominal and `ibp pure` are always kept)
 
 on CIFAR-10-shaped input (3x32x32, 10 classes, the data set's Normalize as first layer), random
 pixels in [0, 1] and random labels, so no data files are needed. The methods run round-robin
@@ -58,6 +62,14 @@ ROWS: list[tuple[str, str, dict[str, Any]]] = [
                                      "beta_start": 1.0, "beta_final": 1.0}),
 ]
 
+# Lipschitz methods (issue 5): l_2 at eps = 36/255 (BCP / Local-Lip CIFAR-10), lambda = 1 (the
+# robust loss alone, no clean pass), the default 2 power steps per training step; local_lip_b
+# reads and writes its per-example iterate vectors (host memory, float16) as in training.
+L2_EPS = 36 / 255
+LIPSCHITZ_ROWS = ("lmt", "gloro", "bcp", "local_lip_b")
+ROWS += [(name, name, {}) for name in LIPSCHITZ_ROWS]
+LIPSCHITZ_TARGETS = {"bcp": ("ibp pure", 1.5), "local_lip_b": ("bcp", 1.5)}
+
 # Targets from the issue and reference figures, printed beside the ratios.
 TARGETS = {"ibp pure": 2.2, "ibp mixed": 3.2}
 REFERENCES = [
@@ -96,7 +108,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", metavar="ROW", default=None,
                         help="after timing, profile a few steps of this row (e.g. 'ibp pure') "
                              "on the first model with torch.profiler and print the top ops")
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated row labels to run (default: all); nominal and "
+                             "'ibp pure' are always kept as the references")
     args = parser.parse_args(argv)
+    if args.rows is not None:
+        labels = {label for label, _, _ in ROWS}
+        args.rows = {r.strip() for r in args.rows.split(",") if r.strip()} | {"nominal", "ibp pure"}
+        if args.rows - labels:
+            parser.error(f"--rows: unknown {', '.join(sorted(args.rows - labels))}; "
+                         f"rows: {', '.join(label for label, _, _ in ROWS)}")
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--batch-size and --repeats must be >= 1, --warmup >= 0")
     if args.profile is not None and args.profile not in {label for label, _, _ in ROWS}:
@@ -145,6 +166,9 @@ def make_rows(model_name: str, base: torch.nn.Module, batch_size: int,
 
 def step(row: Row, x: torch.Tensor, y: torch.Tensor, state: StepState) -> dict[str, Any]:
     """One training step, exactly as the trainer does it."""
+    if row.method_name in LIPSCHITZ_ROWS:  # their own threat model; example positions for the store
+        state = StepState(state.t, L2_EPS, PerturbationSet("l2", L2_EPS), state.generator,
+                          torch.arange(len(x)))
     loss, stats = row.method.loss(row.model, x, y, state)
     row.optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -177,6 +201,8 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device
     torch.manual_seed(args.seed)
     base = build_model(model_name, info)
     rows = make_rows(model_name, base, args.batch_size, device)
+    if args.rows is not None:
+        rows = [row for row in rows if row.label in args.rows]
     data_gen = torch.Generator().manual_seed(args.seed)
     x = torch.rand((args.batch_size, *info.input_shape), generator=data_gen).to(device)
     y = torch.randint(0, info.num_classes, (args.batch_size,), generator=data_gen).to(device)
@@ -259,6 +285,27 @@ def print_table(results: list[dict[str, Any]]) -> None:
               f"{step_mib:>8}")
 
 
+def print_lipschitz_table(results: list[dict[str, Any]]) -> None:
+    """The Lipschitz rows over nominal and over pure IBP, with the issue's targets (BCP <= 1.5x
+    IBP, Local-Lip <= 1.5x BCP)."""
+    by = {(r["model"], r["row"]): r["median_ms"] for r in results}
+    mine = [r for r in results if r["row"] in LIPSCHITZ_ROWS]
+    if not mine:
+        return
+    print(f"\nLipschitz rows (l2, eps {L2_EPS:.4f}): {'model':<8} {'method':<12} {'ms/step':>9} "
+          f"{'/nominal':>9} {'/ibp pure':>10}  target")
+    for r in mine:
+        model = r["model"]
+        target = ""
+        if r["row"] in LIPSCHITZ_TARGETS:
+            ref, limit = LIPSCHITZ_TARGETS[r["row"]]
+            ratio = r["median_ms"] / by[(model, ref)]
+            target = f"{ratio:.2f}x {ref} (<= {limit}x: {'ok' if ratio <= limit else 'OVER'})"
+        print(f"{'':<33}{model:<8} {r['row']:<12} {r['median_ms']:>9.1f} "
+              f"{r['median_ms'] / by[(model, 'nominal')]:>8.2f}x "
+              f"{r['median_ms'] / by[(model, 'ibp pure')]:>9.2f}x  {target}")
+
+
 def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     args = parse_args(argv)
@@ -292,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     print()
     print_table(results)
+    print_lipschitz_table(results)
     print("\nratio = median ms/step / nominal's median on the same model (the figure to quote); "
           "min-ratio = fastest step / nominal's fastest (a cross-check on a busy machine); "
           "peak MiB = max_memory_allocated during the step, +MiB = that minus what was "

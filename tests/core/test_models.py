@@ -33,8 +33,13 @@ def _forward(model: nn.Module, input_shape, batch: int = 2) -> torch.Tensor:
         return model(torch.rand((batch, *input_shape), generator=gen))
 
 
+# Local-Lip's activation variants (their own layers; tested in test_activations.py)
+ACTIVATION_VARIANTS = ["4C3F-theta", "6C2F-theta", "8C2F-theta", "mlp2x100-theta",
+                       "6C2F-maxmin", "8C2F-maxmin", "mlp2x100-maxmin"]
+
+
 def test_the_registered_models():
-    assert set(MODELS.names()) == set(ALL_MODELS)
+    assert set(MODELS.names()) == set(ALL_MODELS) | set(ACTIVATION_VARIANTS)
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)

@@ -89,3 +89,4 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, perturbation: Pe
 # Certifiers defined in their own modules register on import; they import CERTIFIERS from here,
 # so these imports come last.
 from . import linear_certifiers, mip  # noqa: E402,F401
+from . import lipschitz_certifiers  # noqa: E402,F401

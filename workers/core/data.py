@@ -576,3 +576,85 @@ class Toy2dDataset(Dataset):
 
 
 DATASETS.add("toy2d", Toy2dDataset())
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny ImageNet 200 from its standard folder layout (issue 5; BCP and Local-Lip use it)
+
+_TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+class TinyImageNetDataset(Dataset):
+    """`tiny-imagenet-200/`: `wnids.txt` (the 200 class ids), `train/<wnid>/images/*.JPEG`
+    (500 per class) and `val/images/*.JPEG` labelled by `val/val_annotations.txt` (file, wnid,
+    box); the papers report on the labelled validation set, which is this data set's "test"
+    split. Labels are the positions of the wnids in sorted order (ImageFolder's convention).
+    The normalization is Tiny ImageNet's per-channel mean and std; the papers' texts state no
+    augmentation for it, so the CIFAR-10 one (4 px translation, flips) is the default here.
+    Decoding the JPEGs needs Pillow, imported only here."""
+    info = DatasetInfo(
+        "tinyimagenet", (3, 64, 64), 200,
+        mean=(0.4802, 0.4481, 0.3975), std=(0.2770, 0.2691, 0.2821), translate=4, flip=True,
+    )
+
+    @staticmethod
+    def folders(root: Path) -> list[Path]:
+        return [root / "tiny-imagenet-200", root]
+
+    def load(self, split, root):
+        root = data_root(root)
+        folder = next((f for f in self.folders(root) if (f / "wnids.txt").is_file()), None)
+        if folder is None:
+            raise _not_found(
+                "tinyimagenet", split, self.folders(root),
+                f"To get it: unzip {_TINY_URL} into {root}, giving {root / 'tiny-imagenet-200'}"
+                "/wnids.txt, train/<wnid>/images/*.JPEG and val/images/*.JPEG with "
+                "val/val_annotations.txt. This data set is never downloaded automatically.",
+                None,
+            )
+        return _read_tiny_imagenet(str(folder), split)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_tiny_imagenet(folder: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        from PIL import Image  # lazily: only this data set decodes JPEGs
+    except ImportError:
+        raise DataFormatError("reading Tiny ImageNet needs Pillow (pip install pillow)") from None
+    root = Path(folder)
+    wnids = sorted(line.strip() for line in (root / "wnids.txt").read_text().splitlines()
+                   if line.strip())
+    label_of = {wnid: i for i, wnid in enumerate(wnids)}
+    files: list[tuple[Path, int]] = []
+    if split == "train":
+        for wnid in wnids:
+            images = root / "train" / wnid / "images"
+            files += [(path, label_of[wnid]) for path in sorted(images.glob("*.JPEG"))]
+    else:
+        annotations = root / "val" / "val_annotations.txt"
+        if not annotations.is_file():
+            raise DataFormatError(f"Tiny ImageNet: {annotations} is missing (labels of the "
+                                  "validation images, the 'test' split)")
+        for line in annotations.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) < 2:
+                continue
+            if parts[1] not in label_of:
+                raise DataFormatError(f"Tiny ImageNet: {annotations} names class {parts[1]!r}, "
+                                      "which wnids.txt does not list")
+            files.append((root / "val" / "images" / parts[0], label_of[parts[1]]))
+    if not files:
+        raise DataFormatError(f"Tiny ImageNet: no {split} images found under {root}")
+    images = np.empty((len(files), 64, 64, 3), dtype=np.uint8)
+    for i, (path, _) in enumerate(files):
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"))  # a few of the JPEGs are grayscale
+        if array.shape != (64, 64, 3):
+            raise DataFormatError(f"Tiny ImageNet: {path} is {array.shape[1]}x{array.shape[0]}, "
+                                  "expected 64x64")
+        images[i] = array
+    labels = np.array([label for _, label in files], dtype=np.int64)
+    return _to_pixels(images.transpose(0, 3, 1, 2)), _labels(labels)
+
+
+DATASETS.add("tinyimagenet", TinyImageNetDataset())

@@ -140,3 +140,37 @@ def check_model_fits(name: str, info: DatasetInfo) -> None:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --- Lipschitz methods (issue 5) ------------------------------------------------------------
+# Local-Lip appendix C.1 puts ReLU_theta after every layer but the last; its MaxMin nets use the
+# clipped MaxMin instead. These variants take a registered net and swap each ReLU for the
+# activation, sized to the feature shape it sees. (Local-Lip's Tiny ImageNet `7C1F` and BCP's
+# `WRN` are not defined in the papers' texts, so they are not registered.)
+def _swap_relus(base: str, make: Callable[[tuple[int, ...]], nn.Module]) -> Builder:
+    def build(shape: tuple[int, ...], classes: int) -> list[nn.Module]:
+        layers = MODELS.get(base)(shape, classes)
+        x = torch.zeros(1, *shape)  # follows torch.device("meta") when only shapes are checked
+        for i, layer in enumerate(layers):
+            if isinstance(layer, nn.ReLU):
+                layers[i] = layer = make(tuple(x.shape[1:]))
+            with torch.no_grad():
+                x = layer(x)
+        return layers
+    return build
+
+
+def _relu_theta(shape: tuple[int, ...]) -> nn.Module:
+    from .activations import ReLUTheta  # lazily: activations imports bounds, which import us
+    return ReLUTheta(shape)
+
+
+def _maxmin(shape: tuple[int, ...]) -> nn.Module:
+    from .activations import MaxMin
+    return MaxMin(shape)
+
+
+for _base in ("4C3F", "6C2F", "8C2F", "mlp2x100"):
+    MODELS.add(f"{_base}-theta", _swap_relus(_base, _relu_theta))
+for _base in ("6C2F", "8C2F", "mlp2x100"):
+    MODELS.add(f"{_base}-maxmin", _swap_relus(_base, _maxmin))

@@ -111,6 +111,7 @@ def train(config: RunConfig, x: torch.Tensor, y: torch.Tensor,
         generator.set_state(state["rng"]["generator"])
         torch.set_rng_state(state["rng"]["torch"])
         start_epoch = state["epoch"]
+        method.load_state_dict(state.get("method_state", {}))
         result.sec_per_epoch, result.history = state["sec_per_epoch"], state["history"]
 
     n = len(x)
@@ -132,7 +133,7 @@ def train(config: RunConfig, x: torch.Tensor, y: torch.Tensor,
             xb = augment_batch(x[index].to(device), translate, flip, generator)
             yb = y[index].to(device)
             eps = train_eps(config, t)
-            state = StepState(t, eps, PerturbationSet(config.norm, eps), generator)
+            state = StepState(t, eps, PerturbationSet(config.norm, eps), generator, index)
             loss, stats = method.loss(model, xb, yb, state)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -160,6 +161,7 @@ def train(config: RunConfig, x: torch.Tensor, y: torch.Tensor,
                 "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
                 "sec_per_epoch": result.sec_per_epoch,
                 "history": result.history,
+                "method_state": method.state_dict(),
             })
         if on_epoch is not None:
             on_epoch(epoch + 1, means, seconds)

@@ -28,6 +28,9 @@ class StepState:
     eps: float  # the curriculum's current training eps
     perturbation: PerturbationSet  # norm and current eps
     generator: torch.Generator  # CPU generator for any randomness the method needs
+    # positions of the batch's examples in the training set (methods with per-example state,
+    # e.g. Local-Lip's saved power-iteration vectors); None where the caller has none
+    index: torch.Tensor | None = None
 
 
 class Method:
@@ -48,6 +51,13 @@ class Method:
         """The batch loss to minimize and a few statistics for the curves (floats or detached
         0-dim tensors: the trainer averages them per epoch without a device sync per step)."""
         raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """State the method keeps between steps (saved in the checkpoint for an exact resume)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 METHODS: Registry[type[Method]] = Registry("method")

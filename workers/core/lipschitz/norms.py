@@ -1,0 +1,158 @@
+"""The layer norms `propagate` asks for, four ways: global or local (Local-Lip Eq. 6, the
+reduced operator I_out W I_in of each example), estimated for training or bounded for
+certificates. Also the per-example store of Local-Lip's power-iteration vectors.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .network import Affine, Network
+from .power import CertifySettings, GlobalPower, certified_norms, power_iterate, sigma
+
+
+class IterateStore:
+    """Local-Lip's saved iterate vectors: for every training example and every affine layer the
+    last u, kept in host memory in float16 (Section 3.3: it only seeds the next power iteration,
+    so low precision is enough). Rows grow as new example indices appear; a row never written is
+    all zeros and is seeded at random instead."""
+
+    def __init__(self, dtype: torch.dtype = torch.float16):
+        self.dtype = dtype
+        self.tables: dict[int, torch.Tensor] = {}
+
+    def get(self, layer: int, index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
+        table = self.tables.get(layer)
+        numel = int(torch.Size(shape).numel())
+        if table is None or table.shape[1] != numel:
+            return None
+        rows = index.cpu().clamp_max(table.shape[0] - 1)
+        out = table[rows].float()
+        out[index.cpu() >= table.shape[0]] = 0
+        return out.view(len(index), *shape)
+
+    def put(self, layer: int, index: torch.Tensor, u: torch.Tensor) -> None:
+        flat = u.detach().flatten(1).to("cpu", self.dtype)
+        table = self.tables.get(layer)
+        needed = int(index.max()) + 1
+        if table is None or table.shape[1] != flat.shape[1]:
+            table = torch.zeros((needed, flat.shape[1]), dtype=self.dtype)
+        elif table.shape[0] < needed:  # grow geometrically: a few copies over a whole epoch
+            grown = torch.zeros((max(needed, 2 * table.shape[0]), flat.shape[1]), dtype=self.dtype)
+            grown[:table.shape[0]] = table
+            table = grown
+        table[index.cpu()] = flat
+        self.tables[layer] = table
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tables.values())
+
+    @staticmethod
+    def size_for(network: Network, examples: int, dtype: torch.dtype = torch.float16) -> int:
+        """Bytes the store takes for `examples` training examples: one input-shaped vector per
+        affine layer and example."""
+        per_example = sum(stage.affine.in_numel for stage in network.stages)
+        return per_example * examples * torch.empty((), dtype=dtype).element_size()
+
+    def state_dict(self) -> dict:
+        return {str(k): v for k, v in self.tables.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tables = {int(k): v for k, v in state.items()}
+
+
+class TrainingGlobalNorms:
+    """Global norms from a few warm-started power steps per training step (differentiable)."""
+
+    def __init__(self, power: GlobalPower, network: Network, generator: torch.Generator | None):
+        self.values = power.norms([s.affine for s in network.stages], generator)
+
+    def __call__(self, index, affine, in_mask, out_mask) -> torch.Tensor:
+        return self.values[index]
+
+    @property
+    def last(self) -> torch.Tensor:
+        return self.values[-1]
+
+
+_CERTIFIED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def certified_global_norms(model: nn.Module, network: Network,
+                           settings: CertifySettings = CertifySettings()) -> list[torch.Tensor]:
+    """Upper bounds on every affine layer's norm (see `power`). Cached per model against a copy of
+    its parameters, so a certification run computes them once, never with stale weights."""
+    params = [p.detach() for p in model.parameters()]
+    cached = _CERTIFIED.get(model)
+    if cached is not None and cached[0] == settings and len(cached[1]) == len(params) and all(
+            a.shape == b.shape and torch.equal(a, b) for a, b in zip(cached[1], params)):
+        return cached[2]
+    generator = torch.Generator().manual_seed(0)
+    values = [certified_norms(s.affine, 1, settings=settings, generator=generator)[0]
+              for s in network.stages]
+    _CERTIFIED[model] = (settings, [p.clone() for p in params], values)
+    return values
+
+
+class CertifiedGlobalNorms:
+    def __init__(self, model: nn.Module, network: Network,
+                 settings: CertifySettings = CertifySettings()):
+        self.values = certified_global_norms(model, network, settings)
+
+    def __call__(self, index, affine, in_mask, out_mask) -> torch.Tensor:
+        return self.values[index].to(affine.weight.dtype)
+
+    @property
+    def last(self) -> torch.Tensor:
+        return self.values[-1]
+
+
+class TrainingLocalNorms:
+    """Per-example norms of the reduced operators (Local-Lip Algorithm 1): `iterations` power
+    steps from the example's saved u ("saved") or from a random u ("random"), differentiable."""
+
+    def __init__(self, iterations: int, init: Literal["saved", "random"], store: IterateStore,
+                 index: torch.Tensor | None):
+        self.iterations, self.init, self.store, self.index = iterations, init, store, index
+
+    def __call__(self, layer, affine: Affine, in_mask, out_mask) -> torch.Tensor:
+        batch = _batch(in_mask, out_mask)
+        weight = affine.weight
+        # drawn on the layer's device from torch's global generator (saved with the checkpoint
+        # on the CPU): a CPU draw of (batch x input size) every layer and step is a bottleneck
+        fresh = torch.randn((batch, *affine.in_shape), device=weight.device, dtype=weight.dtype)
+        u = None
+        if self.init == "saved" and self.index is not None:
+            u = self.store.get(layer, self.index, affine.in_shape)
+        if u is None:
+            u = fresh
+        else:
+            # a little noise keeps the start off the null space when the mask has moved
+            u = u.to(weight.device, weight.dtype) + 1e-2 * fresh / fresh[0].numel() ** 0.5
+        u, _ = power_iterate(affine, u, self.iterations, in_mask, out_mask)
+        if self.init == "saved" and self.index is not None:
+            self.store.put(layer, self.index, u)
+        return sigma(affine, u, in_mask, out_mask)
+
+
+class CertifiedLocalNorms:
+    """Per-example upper bounds on the reduced operators' norms (exact or with the stated safety
+    factor; see `power`)."""
+
+    def __init__(self, settings: CertifySettings = CertifySettings(),
+                 generator: torch.Generator | None = None):
+        self.settings = settings
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    def __call__(self, layer, affine: Affine, in_mask, out_mask) -> torch.Tensor:
+        return certified_norms(affine, _batch(in_mask, out_mask), in_mask, out_mask, self.settings,
+                               self.generator).to(affine.weight.dtype)
+
+
+def _batch(in_mask: torch.Tensor | None, out_mask: torch.Tensor | None) -> int:
+    """Examples in a local-norm call (every layer has a mask on at least one side)."""
+    return next(m.shape[0] for m in (in_mask, out_mask) if m is not None)
