@@ -11,7 +11,8 @@ from workers.core.bounds.linear import linear_margin_bounds
 from workers.core.certify import CERTIFIERS
 from workers.core.config import RunConfig, resolve
 from workers.core.data import load_split
-from workers.core.mip import convert, mip_min_margins, mip_verify
+from workers.core.mip import (convert, crown_ibp_intersection_bounds, ibp_preactivation_bounds,
+                              mip_min_margins, mip_verify)
 from workers.core.models import Normalize
 from workers.core.train import train
 
@@ -199,3 +200,25 @@ def test_parallel_workers_give_the_same_flags(monkeypatch):
     monkeypatch.setenv("CERTREPRO_MIP_TIME_LIMIT", "30")
     flags = CERTIFIERS.get("mip")(model, x, y, perturbation)
     assert flags.dtype == torch.bool and flags.tolist() == [r["verified"] for r in one]
+
+
+def test_crown_boxes_shrink_the_mip_and_keep_its_verdicts():
+    """The certifier's default big-M boxes (CROWN intersected with IBP) lie inside IBP's, leave
+    fewer unstable ReLUs (fewer binaries), and change no verdict."""
+    model = conv_net(4)
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    perturbation = PerturbationSet("linf", 0.03)
+    ibp = ibp_preactivation_bounds(model, x, perturbation)
+    tight = crown_ibp_intersection_bounds(model, x, perturbation, chunk=2)
+    unstable = {"ibp": 0, "tight": 0}
+    for (il, iu), (tl, tu) in zip(ibp, tight):
+        assert (tl >= il).all() and (tu <= iu).all() and (tl <= tu).all()
+        unstable["ibp"] += int(((il < 0) & (iu > 0)).sum())
+        unstable["tight"] += int(((tl < 0) & (tu > 0)).sum())
+    assert unstable["tight"] < unstable["ibp"]
+    with_ibp = mip_verify(model, x, y, perturbation, time_limit=30)
+    with_tight = mip_verify(model, x, y, perturbation, time_limit=30,
+                            bounds_fn=crown_ibp_intersection_bounds)
+    assert [r["verified"] for r in with_ibp] == [r["verified"] for r in with_tight]
