@@ -135,7 +135,8 @@ class Service:
         if self.with_dispatcher:
             from .dispatcher import Dispatcher
             from .execution import RayExecutor
-            self.executor = RayExecutor(self.settings.ray_address, num_cpus=self.num_cpus)
+            self.executor = RayExecutor(self.settings.ray_address, num_cpus=self.num_cpus,
+                                        node_retries=self.settings.node_retries)
             self.dispatcher = Dispatcher(self.store, self.executor, self.settings, self.tracking)
             self.dispatcher.start()
 

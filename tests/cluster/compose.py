@@ -12,6 +12,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 CPU_OVERRIDE = REPO / "docker-compose.cpu.yml"
+MULTIHOST_OVERRIDE = REPO / "docker-compose.multihost.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 
 RESET = object()  # the value of a `!reset` node: remove the key when merging

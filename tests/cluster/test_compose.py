@@ -20,8 +20,8 @@ from sqlalchemy.engine import make_url
 from orchestrator.db import normalize_url
 from orchestrator.settings import Settings
 
-from .compose import (COMPOSE, CPU_OVERRIDE, ENV_EXAMPLE, REPO, environment, interpolate, load,
-                      merge, option, read_env_file)
+from .compose import (COMPOSE, CPU_OVERRIDE, ENV_EXAMPLE, MULTIHOST_OVERRIDE, REPO, environment,
+                      interpolate, load, merge, option, read_env_file)
 
 SERVICES = {"postgres", "mlflow-db-upgrade", "mlflow", "ray-head", "ray-worker", "api"}
 ONE_SHOT = {"mlflow-db-upgrade"}
@@ -95,6 +95,17 @@ def test_every_long_running_service_has_a_healthcheck_on_its_own_ports(services,
     for name, urls in expected.items():
         assert services[name]["healthcheck"]["test"][1] == "certrepro-healthcheck", name
         assert healthcheck_urls(services[name]) == urls, name
+
+    # the Ray endpoints are the dashboard's and its per-node agent's (ray[default], in the image):
+    # routes and the agent's default port of the Ray version installed here
+    import ray
+    from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
+
+    assert DEFAULT_DASHBOARD_AGENT_LISTEN_PORT == 52365
+    routes = "".join(path.read_text(errors="replace")
+                     for path in (Path(ray.__file__).parent / "dashboard").rglob("*.py"))
+    for route in ("/api/gcs_healthz", "/api/local_raylet_healthz"):
+        assert f'@routes.get("{route}")' in routes, route
 
 
 def published(service: dict) -> dict[str, str]:
@@ -170,8 +181,10 @@ def test_the_settings_the_code_reads_are_set_and_consistent(services, env, monke
         assert mounts.get("/shared") == "shared", name
         node_env = container_env(services, env, name)
         for key in ("CERTREPRO_RUNS_DIR", "CERTREPRO_TUNE_DIR", "CERTREPRO_DATA",
-                    "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+                    "MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
             assert node_env[key] == api_env[key], (name, key)
+    # Ray's token authentication on every node, the token from the env file
+    assert api_env["RAY_AUTH_MODE"] == "token" and api_env["RAY_AUTH_TOKEN"] == env["RAY_AUTH_TOKEN"]
     for path in (settings.runs_dir, settings.tune_dir, Path(api_env["CERTREPRO_DATA"])):
         assert path.is_relative_to("/shared"), path
     assert "shared" in load(COMPOSE, env)["volumes"]
@@ -180,9 +193,10 @@ def test_the_settings_the_code_reads_are_set_and_consistent(services, env, monke
 def test_required_variables_come_from_the_env_file(env):
     text = COMPOSE.read_text()
     required = set(re.findall(r"\$\{([A-Z_]+):\?", text))
-    assert required and required <= set(env)
-    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
-        interpolate(text, {})
+    assert required == {"POSTGRES_PASSWORD", "RAY_AUTH_TOKEN"} and required <= set(env)
+    for name in required:  # without it, Compose refuses to start and names it
+        with pytest.raises(KeyError, match=name):
+            interpolate(text, {key: value for key, value in env.items() if key != name})
 
 
 def dockerfile(path: Path) -> tuple[dict[str, str], list[list[str]]]:
@@ -266,6 +280,22 @@ def test_workers_reserve_gpus_and_the_cpu_override_removes_only_that(services, e
         n: s for n, s in services.items() if n != "ray-worker"}
 
 
+def test_the_multihost_override_shares_the_network_and_the_volume(env):
+    base = load(COMPOSE, env)
+    with pytest.raises(KeyError, match="CERTREPRO_NFS_SERVER"):
+        load(MULTIHOST_OVERRIDE, env)  # refused without the NFS export
+    nfs = env | {"CERTREPRO_NFS_SERVER": "10.0.0.5", "CERTREPRO_NFS_EXPORT": "/export/certrepro"}
+    merged = merge(base, load(MULTIHOST_OVERRIDE, nfs))
+    # an overlay network that containers on other machines join, so `ray-head` and `mlflow`
+    # resolve there; and /shared on NFS, the same storage on every machine
+    assert merged["networks"]["default"] == {"name": "certrepro", "external": True}
+    assert merged["volumes"]["shared"]["driver_opts"] == {
+        "type": "nfs", "o": "addr=10.0.0.5,rw,nfsvers=4", "device": ":/export/certrepro"}
+    assert merged["services"] == base["services"]
+    assert {k: v for k, v in merged["volumes"].items() if k != "shared"} == {
+        k: v for k, v in base["volumes"].items() if k != "shared"}
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_writes_an_env_file_with_generated_secrets(tmp_path):
     for name in ("Makefile", ".env.example"):
@@ -273,10 +303,13 @@ def test_make_writes_an_env_file_with_generated_secrets(tmp_path):
     subprocess.run(["make", "-s", ".env"], cwd=tmp_path, check=True, capture_output=True)
     written, example = read_env_file(tmp_path / ".env"), read_env_file(ENV_EXAMPLE)
     assert set(written) == set(example)
-    for key in ("POSTGRES_PASSWORD", "CERTREPRO_API_KEY"):
+    secrets = ("POSTGRES_PASSWORD", "CERTREPRO_API_KEY", "RAY_AUTH_TOKEN")
+    for key in secrets:
         assert example[key] == "change-me" and len(written[key]) >= 20
         assert re.fullmatch(r"[A-Za-z0-9_-]+", written[key])  # safe inside a URL
-    assert written["POSTGRES_PASSWORD"] != written["CERTREPRO_API_KEY"]
+    assert len({written[key] for key in secrets}) == len(secrets)
+    assert {k: v for k, v in written.items() if k not in secrets} == {
+        k: v for k, v in example.items() if k not in secrets}
     dry_run = subprocess.run(["make", "-n", "cluster-up", "CPU=1", "WORKERS=3"], cwd=tmp_path,
                              check=True, capture_output=True, text=True).stdout
     assert ("docker compose -f docker-compose.yml -f docker-compose.cpu.yml up -d --build "
