@@ -9,6 +9,9 @@ A step is what the trainer does per batch (workers/core/train.py): the method's 
                  the nominal pass when kappa == 0)
 - `ibp mixed`    IBP with kappa = 0.5: nominal pass + interval pass
 - `crown_ibp pure` CROWN-IBP with kappa = 0 and beta = 1: interval pass + CROWN backward pass
+- `cap k=50`     Wong et al.'s CAP (Fast-Lin) with 50 random projections for the intermediate
+                 bounds, as 003 trains its non-"Exact" models (`--rows` to pick it, e.g. on
+                 `--models small,medium`: it is the slowest row by far)
 - `lmt`, `gloro`, `bcp`, `local_lip_b`  the Lipschitz methods at l_2 eps 36/255 with lambda = 1
                  (robust loss only), 2 power steps; a second table gives them over nominal and
                  over `ibp pure` with the targets BCP <= 1.5x IBP and Local-Lip <= 1.5x BCP
@@ -60,6 +63,7 @@ ROWS: list[tuple[str, str, dict[str, Any]]] = [
     # CROWN-IBP at its most expensive (beta = 1: the backward pass every step, kappa = 0)
     ("crown_ibp pure", "crown_ibp", {"kappa_start": 0.0, "kappa_final": 0.0,
                                      "beta_start": 1.0, "beta_final": 1.0}),
+    ("cap k=50", "cap", {"projections": 50}),
 ]
 
 # Lipschitz methods (issue 5): l_2 at eps = 36/255 (BCP / Local-Lip CIFAR-10), lambda = 1 (the
@@ -89,6 +93,7 @@ class Row:
     times_s: list[float] = field(default_factory=list)
     peak_bytes: list[int] = field(default_factory=list)  # absolute peak during the step
     step_bytes: list[int] = field(default_factory=list)  # peak minus what was allocated before
+    saved_bytes: int | None = None  # tensors the loss keeps for backward (any device)
     stat_keys: list[str] = field(default_factory=list)
 
 
@@ -157,23 +162,44 @@ def make_rows(model_name: str, base: torch.nn.Module, batch_size: int,
         method = METHODS.get(method_name)(config)
         if hasattr(method, "kappa"):  # the row must measure the kappa it claims to
             kappa = method.kappa(T_FINAL)
-            assert kappa == options["kappa_final"], (label, kappa)
+            assert kappa == options.get("kappa_final", 0.0), (label, kappa)
         model = copy.deepcopy(base).to(device).train()  # same initial weights for every row
         optimizer = torch.optim.Adam(model.parameters(), lr=config.optimizer.lr)
         rows.append(Row(label, method_name, options, model, optimizer, method))
     return rows
 
 
+def row_state(row: Row, x: torch.Tensor, state: StepState) -> StepState:
+    if row.method_name in LIPSCHITZ_ROWS:  # their own threat model; example positions for the store
+        return StepState(state.t, L2_EPS, PerturbationSet("l2", L2_EPS), state.generator,
+                         torch.arange(len(x)))
+    return state
+
+
 def step(row: Row, x: torch.Tensor, y: torch.Tensor, state: StepState) -> dict[str, Any]:
     """One training step, exactly as the trainer does it."""
-    if row.method_name in LIPSCHITZ_ROWS:  # their own threat model; example positions for the store
-        state = StepState(state.t, L2_EPS, PerturbationSet("l2", L2_EPS), state.generator,
-                          torch.arange(len(x)))
-    loss, stats = row.method.loss(row.model, x, y, state)
+    loss, stats = row.method.loss(row.model, x, y, row_state(row, x, state))
     row.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     row.optimizer.step()
     return stats
+
+
+def saved_for_backward(row: Row, x: torch.Tensor, y: torch.Tensor, state: StepState) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward pass of one loss: the
+    memory a training step holds at its peak beyond the weights, measured the same way on any
+    device (on CUDA the allocator's peak is reported beside it)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss, _ = row.method.loss(row.model, x, y, row_state(row, x, state))
+    del loss
+    return sum(storages.values())
 
 
 def timed_step(row: Row, x: torch.Tensor, y: torch.Tensor, state: StepState,
@@ -214,6 +240,8 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device
     for _ in range(args.repeats):  # round-robin: one step of each method in turn
         for row in rows:
             timed_step(row, x, y, state, device)
+    for row in rows:
+        row.saved_bytes = saved_for_backward(row, x, y, state)
     pure = next(r for r in rows if r.label == "ibp pure")
     assert "fit_loss" not in pure.stat_keys, "ibp pure ran the nominal pass"
     if args.profile is not None and model_name == args.models[0]:
@@ -258,6 +286,7 @@ def summarize(rows: list[Row], meta: dict[str, Any]) -> list[dict[str, Any]]:
             "meets_target": None if target is None else ratio <= target,
             "peak_mib": max(row.peak_bytes) / 2**20 if row.peak_bytes else None,
             "step_mib": max(row.step_bytes) / 2**20 if row.step_bytes else None,
+            "saved_mib": row.saved_bytes / 2**20 if row.saved_bytes is not None else None,
             "times_ms": ms,
         })
     return out
@@ -265,7 +294,7 @@ def summarize(rows: list[Row], meta: dict[str, Any]) -> list[dict[str, Any]]:
 
 def print_table(results: list[dict[str, Any]]) -> None:
     header = (f"{'model':<8} {'method':<10} {'ms/step':>9} {'p25-p75 ms':>15} {'ratio':>7} "
-              f"{'target':>13} {'min-ratio':>9} {'peak MiB':>9} {'+MiB':>8}")
+              f"{'target':>13} {'min-ratio':>9} {'peak MiB':>9} {'+MiB':>8} {'saved MiB':>9}")
     print(header)
     print("-" * len(header))
     last_model = None
@@ -279,10 +308,11 @@ def print_table(results: list[dict[str, Any]]) -> None:
             target = f"<={r['target']:.1f}x " + ("ok" if r["meets_target"] else "OVER")
         mib = "n/a" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         step_mib = "n/a" if r["step_mib"] is None else f"{r['step_mib']:.0f}"
+        saved = "n/a" if r["saved_mib"] is None else f"{r['saved_mib']:.0f}"
         spread = f"{r['p25_ms']:.1f}-{r['p75_ms']:.1f}"
         print(f"{r['model']:<8} {r['row']:<10} {r['median_ms']:>9.1f} {spread:>15} "
               f"{r['ratio']:>6.2f}x {target:>13} {r['ratio_of_min']:>8.2f}x {mib:>9} "
-              f"{step_mib:>8}")
+              f"{step_mib:>8} {saved:>9}")
 
 
 def print_lipschitz_table(results: list[dict[str, Any]]) -> None:
@@ -343,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\nratio = median ms/step / nominal's median on the same model (the figure to quote); "
           "min-ratio = fastest step / nominal's fastest (a cross-check on a busy machine); "
           "peak MiB = max_memory_allocated during the step, +MiB = that minus what was "
-          "allocated before it (CUDA only)")
+          "allocated before it (CUDA only); saved MiB = tensors autograd keeps for the backward "
+          "pass of one loss (any device)")
     print("references: " + "; ".join(REFERENCES))
     total = time.perf_counter() - began
     print(f"total runtime {total:.1f} s")
