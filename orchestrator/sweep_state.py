@@ -43,18 +43,24 @@ def trial_record(trial: Any) -> dict[str, Any]:
         "final": final,
         "stopped_early": status == "stopped",
         "mlflow_run_id": result.get("mlflow_run_id"),
-        "error": _error_text(trial) if status == "failed" else None,
+        "error": (f"failed {getattr(trial, 'num_failures', 1)} time(s); last: "
+                  f"{_error_text(trial)}") if status == "failed" else None,
     }
 
 
-def _error_text(trial: Any) -> str | None:
-    """The last line of the trial's error file (the exception), if it has one."""
-    path = getattr(trial, "error_file", None)
+def _error_text(trial: Any) -> str:
+    """What the trial raised, as "Type: message" (the exception, not Ray's wrapper)."""
     try:
-        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        error = trial.get_error()
+    except Exception:  # no pickled error (an old trial, a lost file)
+        error = None
+    if error is not None:
+        cause = getattr(error, "cause", None) or error
+        return f"{type(cause).__name__}: {cause}"[:2000]
+    try:
+        return Path(trial.error_file).read_text().strip()[-2000:] or "the trial failed"
     except (OSError, TypeError):
-        return "the trial failed (no error file)"
-    return lines[-1][:2000] if lines else None
+        return "the trial failed (no error recorded)"
 
 
 def metric_of(record: dict[str, Any], metric: str) -> float | None:

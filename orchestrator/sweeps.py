@@ -102,7 +102,13 @@ def run_trial(sample: dict[str, Any], ctx: SweepContext) -> None:
     reporter = EpochReporter(ctx.metric, config, workdir, run_id, recorder)
     result = _finished_result(workdir, config)  # a trial restored after it was certified
     if result is None:
-        result = run_row(config, workdir, FanOut(recorder), after_epoch=reporter)
+        try:
+            result = run_row(config, workdir, FanOut(recorder), after_epoch=reporter)
+        except Exception:
+            # the run is FAILED until Tune retries the trial (which sets it back to RUNNING)
+            if run_id is not None:
+                recorder.finish("FAILED")
+            raise
     metrics = {**reporter.last_training, **flatten(result["metrics"])}
     if metrics.get(ctx.metric) is None:
         raise ValueError(f"the sweep's metric {ctx.metric!r} was not recorded; recorded: "

@@ -189,3 +189,24 @@ def test_cli_submits_a_sweep_and_lists_its_trials(service, tmp_path):
     bad = certrepro("submit", "--sweep", str(sweep))
     assert bad.returncode == 2 and "low (0.3) is greater than high (0.1)" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_failing_trial_is_retried_then_reported_and_the_sweep_goes_on(service, mlflow_server):
+    """`mnist` is not on this machine (downloads are off): that trial fails on its first try and
+    on its retry (max_failures 1); the other trial's result makes the sweep succeed."""
+    client = service.client
+    job = client.submit({"kind": "sweep", "config": dict(BASE, epochs=1), "metric": "clean_acc",
+                         "mode": "max", "max_failures": 1,
+                         "search_space": {"dataset": {"grid": ["digits-8x8", "mnist"]}}})
+    job = finished(client, job["id"], timeout=300)
+    assert job["status"] == "succeeded", job
+    trials = {t["params"]["dataset"]: t for t in job["trials"]}
+    assert trials["digits-8x8"]["status"] == "succeeded"
+    failed = trials["mnist"]
+    assert failed["status"] == "failed" and "mnist" in failed["error"], failed
+    assert failed["error"].startswith("failed 2 time(s)")  # its first try and one retry
+    assert job["best"]["params"]["dataset"] == "digits-8x8"
+    mlflow = MlflowClient(mlflow_server.url)
+    runs = {r.data.tags["certrepro.trial_id"]: r for r in trial_runs(mlflow, job)}
+    assert len(runs) == 2  # the retry continued the failed trial's run
+    assert runs[failed["trial_id"]].info.status == "FAILED"

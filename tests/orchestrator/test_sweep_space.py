@@ -65,7 +65,9 @@ def test_schedulers():
 
 def trial(trial_id, status, result, config=None):
     return SimpleNamespace(trial_id=trial_id, status=status, last_result=result,
-                           config=config or {"optimizer.lr": 0.1}, error_file=None)
+                           config=config or {"optimizer.lr": 0.1}, error_file=None,
+                           get_error=lambda: ValueError("data set 'mnist' not found"),
+                           num_failures=2)
 
 
 def test_trial_records_and_best_trial():
@@ -76,7 +78,8 @@ def test_trial_records_and_best_trial():
     failed = trial_record(trial("t3", "ERROR", {}))
     assert (done["status"], done["final"], done["epoch"]) == ("succeeded", True, 3)
     assert (stopped["status"], stopped["stopped_early"]) == ("stopped", True)
-    assert running["status"] == "running" and failed["status"] == "failed" and failed["error"]
+    assert running["status"] == "running" and failed["status"] == "failed"
+    assert failed["error"] == "failed 2 time(s); last: ValueError: data set 'mnist' not found"
     # certified trials win over higher per-epoch values of unfinished or stopped ones
     assert best_trial([done, stopped, running], "m", "max")["trial_id"] == "t0"
     assert best_trial([stopped, running], "m", "max")["trial_id"] == "t1"  # best so far
