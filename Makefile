@@ -41,9 +41,10 @@ cluster-up: .env
 cluster-down:
 	$(COMPOSE) $(COMPOSE_FILES) down
 
-# First run: .env from .env.example with a random PostgreSQL password and API key.
+# First run: .env from .env.example with a random PostgreSQL password, API key and Ray token.
 .env:
 	sed -e "s/^POSTGRES_PASSWORD=change-me$$/POSTGRES_PASSWORD=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(18))')/" \
 	    -e "s/^CERTREPRO_API_KEY=change-me$$/CERTREPRO_API_KEY=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(24))')/" \
+	    -e "s/^RAY_AUTH_TOKEN=change-me$$/RAY_AUTH_TOKEN=$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(32))')/" \
 	    .env.example > .env
-	@echo "wrote .env (PostgreSQL password and API key generated)"
+	@echo "wrote .env (PostgreSQL password, API key and Ray token generated)"
