@@ -87,7 +87,7 @@ def test_table_job_has_one_row_per_selected_row_and_seed(client):
     ({"kind": "table", "spec": "nope/table9"}, 422, ["spec", "demo/digits"]),
     ({"kind": "table", "spec": "demo/digits", "rows": ["ghost"]}, 422, ["rows", "ghost", "ibp"]),
     ({"kind": "table", "spec": "demo/digits", "profile": "huge"}, 422, ["profile", "quick"]),
-    ({"kind": "run", "config": {"method": "magic"}}, 422, ["config.method", "known: crown_ibp, ibp"]),
+    ({"kind": "run", "config": {"method": "magic"}}, 422, ["config.method", "known: bcp, cap"]),
     ({"kind": "run", "config": {"dataset": "imagenet"}}, 422, ["config.dataset", "digits"]),
     ({"kind": "run", "config": {"model": "resnet"}}, 422, ["config.model", "small"]),
     ({"kind": "run", "config": {"epochs": "many"}}, 422, ["config.epochs"]),
