@@ -159,9 +159,8 @@ class Dispatcher:
 
     def _submit(self, row: RowView) -> None:
         workdir = self.settings.runs_dir / row.job_id / row.id
-        job = self.store.get_job(row.job_id)
-        if job.kind == "sweep":
-            self._submit_sweep(job, row, workdir)
+        if self.store.job_kind(row.job_id) == "sweep":
+            self._submit_sweep(self.store.get_job(row.job_id), row, workdir)
             return
         recorder = None
         if self.tracking is not None:

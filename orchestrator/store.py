@@ -430,6 +430,13 @@ class JobStore:
                 raise NotFound(f"no job {job_id!r}")
             return _job_view(job)
 
+    def job_kind(self, job_id: str) -> str:
+        with self._read() as s:
+            kind = s.execute(select(Job.kind).where(Job.id == job_id)).scalar_one_or_none()
+            if kind is None:
+                raise NotFound(f"no job {job_id!r}")
+            return kind
+
     def get_row(self, row_id: str) -> RowView:
         with self._read() as s:
             row = s.execute(select(Row).where(Row.id == row_id)

@@ -15,8 +15,7 @@ import experiments
 from experiments.schema import Column, Paper, Row, TableSpec
 
 from .store import JobView
-from .sweep_state import best_trial
-from .sweeps import unflatten
+from .sweep_state import best_trial, unflatten
 from .tables import RowOutcome, assemble
 
 # trial status -> the row status a table cell knows

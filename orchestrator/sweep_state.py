@@ -105,3 +105,18 @@ def read_state(workdir: str | Path) -> dict[str, Any] | None:
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def unflatten(metrics: dict[str, Any]) -> dict[str, Any]:
+    """{"verified_acc.ibp": v} -> {"verified_acc": {"ibp": v}} (the shape of a row's metrics)."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                break
+        else:
+            node[last] = value
+    return out

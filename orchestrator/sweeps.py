@@ -33,7 +33,8 @@ import ray
 
 from .execution import RowHandle
 from .sweep_space import apply_sample, build_scheduler, flat_sample, tune_space
-from .sweep_state import FINAL, best_trial, read_state, trial_record, write_state
+from .sweep_state import (FINAL, best_trial, read_state, trial_record, unflatten,
+                          write_state)
 
 log = logging.getLogger("certrepro.sweeps")
 
@@ -291,21 +292,6 @@ def run_sweep(ctx: SweepContext) -> dict[str, Any]:
         ctx.tracker.log_best_trial(ctx.parent_run_id, best, config)
     return {"metrics": unflatten(best["metrics"]), "best": best, "trials": trials,
             "config": config, "experiment_path": str(ctx.experiment_path)}
-
-
-def unflatten(metrics: dict[str, Any]) -> dict[str, Any]:
-    """{"verified_acc.ibp": v} -> {"verified_acc": {"ibp": v}} (the shape of a row's metrics)."""
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        node = out
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                break
-        else:
-            node[last] = value
-    return out
 
 
 _remote_sweep = ray.remote(max_retries=0)(run_sweep)  # retries are the dispatcher's business

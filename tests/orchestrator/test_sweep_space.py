@@ -7,8 +7,7 @@ import pytest
 
 from orchestrator.sweep_space import (SpaceError, apply_sample, build_scheduler, flat_sample,
                                       grid_size, parse_scheduler, parse_space, tune_space)
-from orchestrator.sweep_state import best_trial, trial_record
-from orchestrator.sweeps import unflatten
+from orchestrator.sweep_state import best_trial, trial_record, unflatten
 
 
 def test_space_is_normalized_and_counted():
