@@ -24,6 +24,16 @@ REQUIRED_CONFIG_FIELDS = ("method", "dataset", "model", "norm", "eps", "epochs",
                           "certifiers")
 ROW_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # url-safe: usable as a path segment
 METRIC = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_+-]+)*$")
+# Which block of a row result a column's `metric` path reads (DESIGN.md: a result holds `metrics`,
+# `timing` {sec_per_epoch: [...], train_sec, certify_sec} and `history` [per-epoch means]).
+BLOCKS = ("metrics", "timing", "history")
+# How a per-epoch list (timing.sec_per_epoch, a history curve) becomes one number.
+REDUCE = ("mean", "last", "max", "min")
+# How a column combines a row's runs (its seeds): one run, or a statistic over the runs. `best` and
+# `worst` are the runs with the highest and lowest metric value (metrics are accuracies: higher is
+# better); `median`, `q1`, `q3` are the 50th, 25th and 75th percentiles.
+AGGREGATES = ("single", "mean", "std", "median", "q1", "q3", "best", "worst")
+MULTI_RUN_AGGREGATES = ("std", "median", "q1", "q3", "best", "worst")
 
 
 class _Strict(BaseModel):
@@ -43,11 +53,33 @@ class Column(_Strict):
     transform: Literal["error_pct", "acc_pct", "raw"] = "error_pct"
     tolerance: float | None = Field(None, ge=0, description="None: the spec's tolerance")
     note: str | None = None
+    block: Literal["metrics", "timing", "history"] = Field(
+        "metrics", description="the part of a row result `metric` is a path into: metrics "
+                               "(default), timing (e.g. sec_per_epoch) or history (a per-epoch "
+                               "training curve, e.g. varying_fraction)")
+    reduce: Literal["mean", "last", "max", "min"] | None = Field(
+        None, description="how a per-epoch list becomes one number; required for the timing and "
+                          "history blocks (sec_per_epoch: mean)")
+    aggregate: Literal["single", "mean", "std", "median", "q1", "q3", "best", "worst"] = Field(
+        "single", description="how the column combines a row's runs (seeds): single (one run), "
+                              "mean, std, median, q1/q3 (quartiles), best/worst (the run with "
+                              "the highest/lowest metric value); all but single and mean need "
+                              "at least two seeds per row")
 
     @field_validator("metric")
     @classmethod
     def _metric_path(cls, value: str) -> str:
         return _check_metric(value)
+
+    @model_validator(mode="after")
+    def _reduced(self) -> "Column":
+        if self.block != "metrics" and self.reduce is None:
+            raise ValueError(f"column {self.key!r}: a {self.block} metric is a per-epoch list; "
+                             f"say how it becomes one number with reduce: {', '.join(REDUCE)}")
+        if self.block == "metrics" and self.reduce is not None:
+            raise ValueError(f"column {self.key!r}: reduce applies to the timing and history "
+                             "blocks only (metrics are single numbers)")
+        return self
 
 
 class Source(_Strict):
@@ -150,6 +182,13 @@ class TableSpec(_Strict):
             if unknown:
                 raise ValueError(f"row {row.id!r}: reported values for unknown columns "
                                  f"{unknown}; columns: {', '.join(keys)}")
+        multi = [c.key for c in self.columns if c.aggregate in MULTI_RUN_AGGREGATES]
+        if multi:
+            for row in self.rows:
+                if len(row.seeds or self.seeds) < 2:
+                    raise ValueError(f"row {row.id!r}: columns {multi} aggregate over runs "
+                                     "(std, median, quartiles, best/worst) and need at least two "
+                                     "seeds (the row's `seeds` or the spec's)")
         if self.sweep is not None:
             for row in self.rows:
                 missing = [f for f in self.sweep.row_fields if config_value(row.config, f) is None]

@@ -1,0 +1,204 @@
+"""The specs of every table and figure of the four papers (issue 6): each loads and validates, each
+reported number has a source in its paper's file (and, where shared/papers is present, stands in
+that file), each spec has the rows of its table but those left out on purpose (listed here with
+the reason), and each quick-profile row config is a valid RunConfig where its method, model and
+certifiers exist (the others are listed here as not implemented, with what they wait on)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from experiments import PROFILES, load_spec, list_specs, row_configs
+from workers.core.certify import CERTIFIERS
+from workers.core.config import RunConfig, resolve
+from workers.core.methods import METHODS
+from workers.core.models import MODELS
+
+PAPERS = Path(__file__).resolve().parents[3] / "shared" / "papers"
+BCP, LOCALLIP, CROWN003, IBP = ("001_9feb4b9d9922fe2b.txt", "002_57303698f5345a88.txt",
+                                "003_b69ee21a14f9c5e8.txt", "004_14b043c9c7a4d7b5.txt")
+
+# spec -> (the paper's file, rows of the paper's table or figure, {left-out row: why})
+TABLES: dict[str, tuple[str, int, dict[str, str]]] = {
+    "bcp/table1": (BCP, 10, {}),
+    "bcp/table2": (BCP, 15, {}),
+}
+
+# spec -> {row id: what it waits on}; every other row's quick config is a valid RunConfig
+NOT_IMPLEMENTED: dict[str, dict[str, str]] = {
+    "bcp/table1": {"cifar10-wrn-cap": "model wrn (not defined in the BCP text)",
+                   "cifar10-wrn-bcp": "model wrn (not defined in the BCP text)"},
+    "bcp/table2": {"cifar10-wrn-cap": "model wrn (not defined in the BCP text)",
+                   "cifar10-wrn-lmt": "model wrn (not defined in the BCP text)",
+                   "cifar10-wrn-bcp": "model wrn (not defined in the BCP text)"},
+}
+
+
+def test_every_paper_spec_is_listed():
+    assert set(TABLES) <= set(list_specs())
+    assert set(NOT_IMPLEMENTED) <= set(TABLES)
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_row_count_matches_the_paper(name):
+    paper_file, total, left_out = TABLES[name]
+    spec = load_spec(name)
+    assert spec.paper.file == paper_file
+    ids = [row.id for row in spec.rows]
+    assert len(ids) == total - len(left_out), (name, len(ids), total, sorted(left_out))
+    assert not set(left_out) & set(ids)
+    assert all(reason.strip() for reason in left_out.values())
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_every_reported_number_has_its_papers_source(name):
+    spec = load_spec(name)
+    for row in spec.rows:
+        for key, reported in row.reported.items():
+            if reported.value is None:
+                assert reported.note, (name, row.id, key)
+                continue
+            source = reported.source
+            assert source is not None and source.file == spec.paper.file, (name, row.id, key)
+            assert source.table and source.row and source.column
+
+
+def _unavailable(config: dict) -> list[str]:
+    missing = [f"method {config['method']}"] if config["method"] not in METHODS else []
+    missing += [f"model {config['model']}"] if config["model"] not in MODELS else []
+    missing += [f"certifier {c}" for c in config["certifiers"] if c not in CERTIFIERS]
+    return missing
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+@pytest.mark.parametrize("profile", PROFILES)
+def test_row_configs_validate_or_are_listed_as_not_implemented(name, profile):
+    spec = load_spec(name)
+    waiting = NOT_IMPLEMENTED.get(name, {})
+    assert set(waiting) <= {row.id for row in spec.rows}
+    unavailable = {}
+    for row_id, _, config in row_configs(spec, profile):
+        missing = _unavailable(config)
+        if missing:
+            unavailable[row_id] = missing
+            continue
+        resolve(RunConfig.model_validate(config))
+    if profile == "paper":
+        assert set(unavailable) == set(waiting), (name, unavailable)
+    else:  # a quick profile may stand in a small registered model for one that does not exist
+        assert set(unavailable) <= set(waiting), (name, unavailable)
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_quick_profile_is_a_cpu_minute(name):
+    for row_id, _, config in row_configs(load_spec(name), "quick"):
+        assert config["dataset"] in ("digits", "digits-8x8", "mnist-idx", "toy2d"), row_id
+        assert config.get("device", "cpu") == "cpu", row_id
+        assert "data_root" not in config
+        assert config["epochs"] <= 20, row_id
+        assert config.get("test_limit") is not None and config["test_limit"] <= 200, row_id
+        if config["dataset"] == "mnist-idx":
+            assert config.get("train_limit") and config["train_limit"] <= 5000, row_id
+        attack = config.get("attack") or {}
+        assert attack.get("steps", 200) <= 20 and attack.get("restarts", 10) == 1, row_id
+
+
+def number_forms(value: float) -> list[str]:
+    """How a number may be printed in a paper's text: 64.70 as '64.70' or '64.7', 1369 as '1,369'."""
+    forms = {f"{value:.2f}", f"{value:.1f}", f"{value:g}"}
+    if value == int(value):
+        forms |= {str(int(value)), f"{int(value):,}"}
+    return sorted(forms, key=len, reverse=True)
+
+
+def number_in_text(value: float, text: str) -> bool:
+    """The number stands in the text as a whole number (not inside a longer one)."""
+    for form in number_forms(value):
+        if re.search(rf"(?<![\d.,]){re.escape(form)}(?![\d])", text):
+            return True
+    return False
+
+
+GARBLED = re.compile(r"garbled|text shows|text:", re.IGNORECASE)
+
+
+@pytest.mark.parametrize("name", sorted(TABLES))
+def test_reported_numbers_stand_in_the_paper_text(name):
+    paper_file = TABLES[name][0]
+    if not (PAPERS / paper_file).exists():
+        pytest.skip("papers not available")
+    text = (PAPERS / paper_file).read_text(encoding="utf-8")
+    for row in load_spec(name).rows:
+        for key, reported in row.reported.items():
+            if reported.value is None:
+                continue
+            assert reported.source.table.split(",")[0] in text, (name, row.id, key)
+            if reported.note and GARBLED.search(reported.note):
+                continue  # read from a garbled cell: the note says what the text shows
+            assert number_in_text(reported.value, text), (name, row.id, key, reported.value)
+
+
+def test_number_forms():
+    assert number_in_text(64.70, "BCP 92.41 64.70 47.95")
+    assert number_in_text(1369, "6C2F 1,369 56.5")
+    assert not number_in_text(4.7, "14.70")
+    assert not number_in_text(64.7, "164.71")
+
+
+SCHEMA_BASE = """\
+name: t/agg
+paper: {file: null, title: test, short: t}
+caption: a test table
+tolerance: 1.0
+defaults: {method: nominal, dataset: digits, model: small, norm: linf, eps: 0.1, epochs: 1,
+           batch_size: 8, certifiers: [ibp]}
+"""
+
+
+def _spec(tmp_path, body: str):
+    from experiments import load_spec_file
+    path = tmp_path / "t" / "agg.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(SCHEMA_BASE + body, encoding="utf-8")
+    return load_spec_file(path)
+
+
+def test_schema_aggregates_over_seeds_and_reads_timing(tmp_path):
+    from experiments import SpecError
+    spec = _spec(tmp_path, """\
+seeds: [0, 1, 2]
+columns:
+  - {key: acc, label: Acc, metric: clean_acc, aggregate: mean}
+  - {key: acc_std, label: Acc std, metric: clean_acc, aggregate: std}
+  - {key: time, label: s/epoch, metric: sec_per_epoch, block: timing, reduce: mean, transform: raw}
+rows:
+  - {id: a, label: A}
+""")
+    assert [c.aggregate for c in spec.columns] == ["mean", "std", "single"]
+    assert spec.columns[2].block == "timing" and spec.columns[2].reduce == "mean"
+    # defaults keep the old meaning: one run, a number of the metrics block
+    old = _spec(tmp_path, "columns: [{key: acc, label: Acc, metric: clean_acc}]\nrows: [{id: a, label: A}]\n")
+    assert (old.columns[0].aggregate, old.columns[0].block, old.columns[0].reduce) == (
+        "single", "metrics", None)
+    cases = {
+        # a statistic over runs needs runs
+        "columns: [{key: q, label: Q, metric: clean_acc, aggregate: median}]\nrows: [{id: a, label: A}]\n":
+            "at least two seeds",
+        # a per-epoch list needs a reduction, and a metric needs none
+        "columns: [{key: t, label: T, metric: sec_per_epoch, block: timing}]\nrows: [{id: a, label: A}]\n":
+            "reduce",
+        "columns: [{key: t, label: T, metric: clean_acc, reduce: mean}]\nrows: [{id: a, label: A}]\n":
+            "timing and history blocks only",
+        "columns: [{key: t, label: T, metric: clean_acc, aggregate: average}]\nrows: [{id: a, label: A}]\n":
+            "aggregate",
+    }
+    for body, expected in cases.items():
+        with pytest.raises(SpecError) as info:
+            _spec(tmp_path, body)
+        assert expected in str(info.value), (body, str(info.value))
+    # a row's own seeds count
+    spec = _spec(tmp_path, "columns: [{key: q, label: Q, metric: clean_acc, aggregate: q1}]\n"
+                           "rows: [{id: a, label: A, seeds: [0, 1]}]\n")
+    assert spec.columns[0].aggregate == "q1"
