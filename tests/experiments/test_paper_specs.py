@@ -24,6 +24,9 @@ BCP, LOCALLIP, CROWN003, IBP = ("001_9feb4b9d9922fe2b.txt", "002_57303698f5345a8
 TABLES: dict[str, tuple[str, int, dict[str, str]]] = {
     "bcp/table1": (BCP, 10, {}),
     "bcp/table2": (BCP, 15, {}),
+    "locallip/table1": (LOCALLIP, 4, {}),
+    "locallip/table2": (LOCALLIP, 37, {}),
+    "locallip/table4": (LOCALLIP, 4, {}),
 }
 
 # spec -> {row id: what it waits on}; every other row's quick config is a valid RunConfig
@@ -33,6 +36,12 @@ NOT_IMPLEMENTED: dict[str, dict[str, str]] = {
     "bcp/table2": {"cifar10-wrn-cap": "model wrn (not defined in the BCP text)",
                    "cifar10-wrn-lmt": "model wrn (not defined in the BCP text)",
                    "cifar10-wrn-bcp": "model wrn (not defined in the BCP text)"},
+    "locallip/table2": {
+        "cifar10-4c3f-relu-stability": "method relu_stability (Xiao et al. with l2 adversarial "
+                                       "training) and certifier alpha_beta_crown",
+        "cifar10-6c2f-cayley-maxmin": "method cayley (orthogonal layers, not defined in the text)",
+        "tinyimagenet-7c1f-standard": "model 7C1F (not defined in the text)",
+        "tinyimagenet-7c1f-gloro": "model 7C1F (not defined in the text)"},
 }
 
 

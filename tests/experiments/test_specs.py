@@ -45,7 +45,9 @@ def test_spec_loads_and_summarizes(name):
 def test_row_configs_are_complete_and_valid(name, profile):
     spec = load_spec(name)
     configs = row_configs(spec, profile)
-    assert [row_id for row_id, _, _ in configs] == [r.id for r in spec.rows]  # one seed each
+    # spec order, each row once per seed (its own seeds or the spec's)
+    assert [row_id for row_id, _, _ in configs] == [r.id for r in spec.rows
+                                                    for _ in (r.seeds or spec.seeds)]
     validated = 0
     for row_id, seed, config in configs:
         missing = [f for f in REQUIRED_CONFIG_FIELDS if f not in config]
