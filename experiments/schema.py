@@ -115,7 +115,19 @@ class Row(_Strict):
                                   description="row-specific overrides for the quick profile")
     reported: dict[str, Reported] = Field(default_factory=dict)
     seeds: list[int] | None = None
+    family: list[str] | None = Field(
+        None, min_length=2, description="a family of models (003 Tables 2 and 4: Zhang et al.'s "
+                                        "8 large models): the row runs once per model (and seed), "
+                                        "its config's `model` replaced by each; its aggregate "
+                                        "columns combine all those runs")
     note: str | None = None
+
+    @field_validator("family")
+    @classmethod
+    def _family(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("family models must not repeat")
+        return value
 
     @field_validator("id")
     @classmethod
@@ -185,10 +197,11 @@ class TableSpec(_Strict):
         multi = [c.key for c in self.columns if c.aggregate in MULTI_RUN_AGGREGATES]
         if multi:
             for row in self.rows:
-                if len(row.seeds or self.seeds) < 2:
+                if len(row.seeds or self.seeds) * len(row.family or [None]) < 2:
                     raise ValueError(f"row {row.id!r}: columns {multi} aggregate over runs "
                                      "(std, median, quartiles, best/worst) and need at least two "
-                                     "seeds (the row's `seeds` or the spec's)")
+                                     "runs (seeds, the row's or the spec's, times the models of "
+                                     "its `family`)")
         if self.sweep is not None:
             for row in self.rows:
                 missing = [f for f in self.sweep.row_fields if config_value(row.config, f) is None]

@@ -26,8 +26,24 @@ TABLES: dict[str, tuple[str, int, dict[str, str]]] = {
     "bcp/table2": (BCP, 15, {}),
     "locallip/table1": (LOCALLIP, 4, {}),
     "locallip/table2": (LOCALLIP, 37, {}),
+    "crown003/table1": (CROWN003, 32, {
+        "mnist-best-of-pv": "Best of PV (Dvijotham et al. 2018a): another paper's result",
+        "mnist-best-of-rs": "Best of RS (Xiao et al. 2018): another paper's result",
+        "mnist-dai-large": "DAI (Mirman et al. 2018): another paper's result",
+        "cifar10-dai-large": "DAI (Mirman et al. 2018): another paper's result",
+        "mnist-ibp-xlarge": "IBP (Gowal et al. 2018): the IBP paper's result (spec ibp/table4)",
+        "cifar10-2_255-ibp-xlarge": "IBP (Gowal et al. 2018): the IBP paper's result (ibp/table4)",
+        "cifar10-8_255-ibp-xlarge": "IBP (Gowal et al. 2018): the IBP paper's result (ibp/table4)"}),
+    "crown003/table2": (CROWN003, 4, {
+        "gowal": "Gowal et al. (2018): the IBP paper's result (spec ibp/table4)",
+        "ci-orig": "CI Orig: copied from Zhang et al. (2019b); its config is CI ReImp's"}),
+    "crown003/table4": (CROWN003, 30, {
+        f"model-{m}-copied": "Copied: results of Zhang et al. (2019b); config = Baseline's"
+        for m in "abcdefghij"}),
     "locallip/table4": (LOCALLIP, 4, {}),
 }
+
+FAMILY_LARGE = "models cibp_large_a-h (Zhang et al.'s large family, not defined in 003's text)"
 
 # spec -> {row id: what it waits on}; every other row's quick config is a valid RunConfig
 NOT_IMPLEMENTED: dict[str, dict[str, str]] = {
@@ -42,6 +58,10 @@ NOT_IMPLEMENTED: dict[str, dict[str, str]] = {
         "cifar10-6c2f-cayley-maxmin": "method cayley (orthogonal layers, not defined in the text)",
         "tinyimagenet-7c1f-standard": "model 7C1F (not defined in the text)",
         "tinyimagenet-7c1f-gloro": "model 7C1F (not defined in the text)"},
+    "crown003/table2": {"ci-reimp": FAMILY_LARGE, "ci-reg": FAMILY_LARGE},
+    "crown003/table4": {f"model-{m}-{kind}": f"model cibp_small_{m} (Zhang et al.'s small "
+                        "family, not defined in 003's text)"
+                        for m in "abcdefghij" for kind in ("baseline", "reg")},
 }
 
 
@@ -117,6 +137,8 @@ def test_quick_profile_is_a_cpu_minute(name):
 def number_forms(value: float) -> list[str]:
     """How a number may be printed in a paper's text: 64.70 as '64.70' or '64.7', 1369 as '1,369'."""
     forms = {f"{value:.2f}", f"{value:.1f}", f"{value:g}"}
+    if 0 < value < 1:  # '± .08'
+        forms |= {form[1:] for form in forms if form.startswith("0.")}
     if value == int(value):
         forms |= {str(int(value)), f"{int(value):,}"}
     return sorted(forms, key=len, reverse=True)
@@ -194,7 +216,7 @@ rows:
     cases = {
         # a statistic over runs needs runs
         "columns: [{key: q, label: Q, metric: clean_acc, aggregate: median}]\nrows: [{id: a, label: A}]\n":
-            "at least two seeds",
+            "at least two runs",
         # a per-epoch list needs a reduction, and a metric needs none
         "columns: [{key: t, label: T, metric: sec_per_epoch, block: timing}]\nrows: [{id: a, label: A}]\n":
             "reduce",
@@ -211,3 +233,26 @@ rows:
     spec = _spec(tmp_path, "columns: [{key: q, label: Q, metric: clean_acc, aggregate: q1}]\n"
                            "rows: [{id: a, label: A, seeds: [0, 1]}]\n")
     assert spec.columns[0].aggregate == "q1"
+
+
+def test_schema_family_counts_as_runs(tmp_path):
+    from experiments import SpecError
+    spec = _spec(tmp_path, "columns: [{key: b, label: B, metric: clean_acc, aggregate: best}]\n"
+                           "rows: [{id: a, label: A, family: [small, medium]}]\n")
+    assert spec.rows[0].family == ["small", "medium"]
+    with pytest.raises(SpecError, match="must not repeat"):
+        _spec(tmp_path, "columns: [{key: b, label: B, metric: clean_acc}]\n"
+                        "rows: [{id: a, label: A, family: [small, small]}]\n")
+
+
+def test_003_table2_is_a_family_best_median_worst():
+    spec = load_spec("crown003/table2")
+    assert [c.aggregate for c in spec.columns] == ["best", "median", "worst"] * 2
+    for row in spec.rows:
+        assert row.family is not None and len(row.family) == 8
+
+
+def test_seed_tables_run_their_seeds():
+    assert load_spec("locallip/table4").seeds == [0, 1, 2]
+    assert load_spec("crown003/table4").seeds == [0, 1, 2, 3, 4]
+    assert load_spec("locallip/table4").row("cifar10-6c2f").reported["certified_std"].value == 0.60
