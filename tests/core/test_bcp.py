@@ -13,6 +13,7 @@ from tests.core.nets import DTYPE, random_init
 from workers.core.bounds import PerturbationSet
 from workers.core.certify import CERTIFIERS
 from workers.core.lipschitz import bcp_outer, bcp_tightness, margin_lower, solve_ball_box
+from workers.core.lipschitz.bcp import ball_box_minimum
 from workers.core.lipschitz.bounds import bcp_margins, lipschitz_margins
 from workers.core.mip import mip_min_margins
 
@@ -57,6 +58,7 @@ def test_solver_matches_an_independent_convex_solver_and_stops_within_dim_rounds
         assert ((p - z.unsqueeze(1)).norm(dim=-1) <= rho.view(-1, 1) * (1 + 1e-9)).all()
         assert (p >= lower.unsqueeze(1) - 1e-12).all() and (p <= upper.unsqueeze(1) + 1e-12).all()
         ours = (c * p).sum(-1)
+        assert torch.allclose(ball_box_minimum(z, lower, upper, rho, c), ours, atol=1e-12)
         for b in range(4):
             for s in range(3):
                 reference = scipy_optimum(z[b], lower[b], upper[b], float(rho[b]), c[b, s])
@@ -87,6 +89,7 @@ def test_solver_is_differentiable():
     leaves = [t.clone().requires_grad_(True) for t in (z, lower, upper, rho, c)]
     value = lambda *args: (args[4] * solve_ball_box(*args)).sum()  # noqa: E731
     assert torch.autograd.gradcheck(value, leaves, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda *a: ball_box_minimum(*a).sum(), leaves, atol=1e-6)
 
 
 def net(gen, sizes=(6, 20, 20, 4)):
@@ -134,3 +137,28 @@ def test_linf_bcp_through_the_circumscribing_ball_is_below_the_exact_mip_margins
     outer = bcp_outer(model, x, PerturbationSet("linf", 0.1))
     norms = torch.stack(outer.norms).prod()
     assert torch.allclose(outer.rho, torch.full_like(outer.rho, 0.1 * math.sqrt(4)) * norms)
+
+
+def test_general_specifications_fold_into_the_last_layer():
+    """A specification matrix other than the margins: each row's bound is the bound of that linear
+    function of the logits, and the margin specification gives the label form."""
+    from workers.core.bounds import Specification, margin_specification
+    gen = torch.Generator().manual_seed(5)
+    model = net(gen)
+    x = torch.rand(5, 6, generator=gen, dtype=DTYPE)
+    y = torch.randint(0, 4, (5,), generator=gen)
+    perturbation = PerturbationSet("l2", 0.3)
+    outer = bcp_outer(model, x, perturbation)
+    spec = margin_specification(y, 4)
+    assert torch.allclose(margin_lower(outer, spec), margin_lower(outer, y))
+    matrix = torch.randn(5, 2, 4, generator=gen, dtype=DTYPE)
+    lower = margin_lower(outer, Specification(matrix))
+    # below every sampled value of C z
+    for _ in range(200):
+        delta = torch.randn(x.shape, generator=gen, dtype=DTYPE)
+        delta = delta / delta.norm(dim=1, keepdim=True) * 0.3 * torch.rand(5, 1, generator=gen,
+                                                                            dtype=DTYPE)
+        values = torch.einsum("bsk,bk->bs", matrix, model(perturbation.project(x + delta, x)))
+        assert (lower <= values + 1e-9).all()
+    ball = lipschitz_margins(model, x, Specification(matrix), perturbation)
+    assert (ball <= lower + 1e-9).all()

@@ -59,20 +59,34 @@ def test_bcp_tightness_is_below_the_global_one_on_the_trained_model(trained):
     assert float(tau.mean()) < 0.95 * float(tau_global.mean())
 
 
-def test_local_lip_resume_restores_the_saved_iterate_vectors(tmp_path):
-    cfg = config("local_lip_b", epochs=3, train_limit=160, batch_size=32,
+@pytest.mark.parametrize("method", ["bcp", "local_lip_b"])
+def test_resume_restores_the_iterate_vectors_exactly(tmp_path, method):
+    cfg = config(method, epochs=3, train_limit=160, batch_size=32,
                  schedule={"warmup_epochs": 0, "rampup_epochs": 1})
     x, y = load_split("digits", "train")
     x, y = x[:160], y[:160]
     straight = train(cfg, x, y, tmp_path / "straight.pt")
     killed = tmp_path / "killed.pt"
     train(cfg, x, y, killed, stop_after=2)
-    store = load_checkpoint(killed)["method_state"]["store"]
-    assert set(store) == {"0", "1", "2"} and all(t.dtype == torch.float16 for t in store.values())
-    assert all(t.shape[0] == 160 for t in store.values())  # one row per training example
+    state = load_checkpoint(killed)["method_state"]
+    if method == "local_lip_b":
+        store = state["store"]
+        assert set(store) == {"0", "1", "2"}
+        assert all(t.dtype == torch.float16 and t.shape[0] == 160 for t in store.values())
+    else:
+        assert set(state["power"]) == {"0", "1", "2"}  # one u per layer
     resumed = train(cfg, x, y, killed)
     for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_store_too_large_stays_out_of_the_checkpoint(monkeypatch):
+    from workers.core.methods import local_lip
+    method = local_lip.LocalLipB(config("local_lip_b"))
+    method.store.put(0, torch.arange(4), torch.ones(4, 10))
+    assert "store" in method.state_dict()
+    monkeypatch.setattr(local_lip, "STORE_CHECKPOINT_LIMIT", 10)
+    assert "store" not in method.state_dict() and "power" in method.state_dict()
 
 
 @pytest.mark.parametrize("method,model,options", [

@@ -28,6 +28,7 @@ from torch import nn
 from ..activations import ACTIVATION_RULES
 from ..bounds.interval import rule_for
 from ..bounds.perturbation import PerturbationSet
+from ..bounds.spec import Specification, margin_specification
 from .network import Affine, network_of, input_radius
 
 # norm_of(stage index, affine, in_mask, out_mask) -> scalar or (B,) tensor
@@ -61,7 +62,9 @@ def propagate(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet, 
     net = network_of(model, x)
     z = x
     lower, upper = perturbation.box(x)  # the circumscribed box, clipped to the pixel range
-    rho = x.new_full((x.shape[0],), input_radius(perturbation, x))
+    # one radius for the batch until a per-example norm makes it (B,): the global case then never
+    # materializes a full-size radius tensor
+    rho = x.new_tensor(input_radius(perturbation, x))
     in_mask = None
     boxes, norms = [], []
     for i, stage in enumerate(net.hidden):
@@ -83,10 +86,9 @@ def propagate(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet, 
         rho = rho * norm
         boxes.append((activation, box_lower, box_upper))
         z = activation(center)
+        # (the post-activation ball's own box, z +- rho, is never tighter: each row norm is at
+        # most the layer's norm, so it is not intersected again)
         lower, upper = rule_for(activation)(activation, box_lower, box_upper)
-        # the post-activation ball bounds each coordinate too
-        lower = torch.maximum(lower, z - _view(rho, z))
-        upper = torch.minimum(upper, z + _view(rho, z))
         in_mask = rule.varying(activation, box_lower, box_upper) if masks else None
     last = net.stages[-1]
     for layer in last.before:
@@ -97,9 +99,44 @@ def propagate(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet, 
     # rounding can leave the clean point a hair outside its box: widen (sound) rather than solve
     # problem (11) around a center the box excludes
     lower, upper = torch.minimum(lower, z), torch.maximum(upper, z)
-    return Outer(last.affine.layer(z), z.flatten(1), lower.flatten(1), upper.flatten(1), rho,
+    return Outer(last.affine.layer(z), z.flatten(1), lower.flatten(1), upper.flatten(1),
+                 rho.expand(x.shape[0]),
                  last.affine.layer, last.affine, None if in_mask is None else in_mask.flatten(1),
                  boxes, norms)
+
+
+def _projected_set(z, target, rho, c, max_rounds: int) -> tuple[torch.Tensor, int]:
+    """Algorithm 1's rounds, without gradients: the coordinates that end up on the box. A
+    coordinate with c_l != 0 reaches its box end at step length t_l = (z_l - target_l) / c_l; at
+    step length t the projected set is {t_l <= t}, and Eq. 12 gives the next t from it. t only
+    grows, so the set only grows; the rounds end when it stops changing."""
+    with torch.no_grad():
+        reach = torch.where(c != 0, (z - target) / c, torch.full_like(c, float("inf")))
+        fixed_sq, c_sq = (target - z).pow(2), c.pow(2)
+        r_sq = rho.pow(2)
+        t = rho / c_sq.sum(-1).sqrt().clamp_min(1e-30)  # the ball's minimizer z - rho c / ||c||
+        projected = reach <= t.unsqueeze(-1)
+        rounds = 0
+        while rounds < max_rounds and bool(projected.any()):
+            rounds += 1
+            fixed = (fixed_sq * projected).sum(-1)
+            free = (c_sq * ~projected).sum(-1)
+            t = torch.where(free > 0, ((r_sq - fixed).clamp_min(0) / free.clamp_min(1e-30)).sqrt(),
+                            torch.zeros_like(free))
+            grown = projected | (reach <= t.unsqueeze(-1))
+            if torch.equal(grown, projected):
+                break
+            projected = grown
+    return projected, rounds
+
+
+def _step_length(projected, target, z, rho, c) -> torch.Tensor:
+    """Eq. 12 as a step length: the free coordinates sit at z - t c with t putting p on the
+    sphere (0 where no free coordinate has c != 0). Differentiable."""
+    fixed = torch.where(projected, target - z, torch.zeros_like(c)).pow(2).sum(-1)
+    free = torch.where(projected, torch.zeros_like(c), c).pow(2).sum(-1)
+    budget = (rho.pow(2) - fixed).clamp_min(1e-30)
+    return torch.where(free > 0, (budget / free.clamp_min(1e-30)).sqrt(), torch.zeros_like(free))
 
 
 def solve_ball_box(z: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, rho: torch.Tensor,
@@ -107,54 +144,45 @@ def solve_ball_box(z: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, rh
     """argmin_p c^T p s.t. ||p - z|| <= rho, lower <= p <= upper (problem (11)), for z, lower,
     upper (B, n), rho (B,), c (B, S, n): p (B, S, n). z must lie in the box. With
     `return_rounds`, also the number of projection rounds Algorithm 1 took (max over the batch)."""
-    z3, lo3, hi3 = z.unsqueeze(1), lower.unsqueeze(1), upper.unsqueeze(1)
-    r = rho.view(-1, 1)
-    target = torch.where(c > 0, lo3, hi3)  # the box end that c^T p pushes a coordinate to
-    with torch.no_grad():
-        c0, z0, lo0, hi0, target0, r0 = (t.detach() for t in (c, z3, lo3, hi3, target, r))
-        projected = torch.zeros(c.shape, dtype=torch.bool, device=c.device)
-        t = r0 / c0.norm(dim=-1).clamp_min(1e-30)  # the ball's minimizer z - rho c / ||c||
-        rounds = 0
-        for _ in range(c.shape[-1] + 1):
-            p = torch.where(projected, target0, z0 - t.unsqueeze(-1) * c0)
-            # a coordinate leaves through the end it moves toward (t only grows)
-            leaving = ~projected & (((c0 > 0) & (p <= lo0)) | ((c0 < 0) & (p >= hi0)))
-            if not bool(leaving.any()):
-                break
-            rounds += 1
-            projected |= leaving  # first phase: project the violating coordinates
-            t = _scale(projected, target0, z0, r0, c0)  # second phase: Eq. 12
-    # one differentiable step from the final projected set
-    t = _scale(projected, target, z3, r, c)
+    z3, r = z.unsqueeze(1), rho.view(-1, 1)
+    target = torch.where(c > 0, lower.unsqueeze(1), upper.unsqueeze(1))  # where c^T p pushes
+    projected, rounds = _projected_set(z3, target, r, c, c.shape[-1])
+    t = _step_length(projected, target, z3, r, c)
     p = torch.where(projected, target, z3 - t.unsqueeze(-1) * c)
     return (p, rounds) if return_rounds else p
 
 
-def _scale(projected, target, z, r, c) -> torch.Tensor:
-    """Eq. 12 as a step length: the free coordinates move to z - t c with t chosen so that p
-    lies on the sphere (0 where no free coordinate has c != 0)."""
-    fixed = torch.where(projected, target - z, torch.zeros_like(c)).pow(2).sum(-1)
-    free = torch.where(projected, torch.zeros_like(c), c).pow(2).sum(-1)
-    budget = (r.pow(2) - fixed).clamp_min(1e-30)
-    return torch.where(free > 0, (budget / free.clamp_min(1e-30)).sqrt(), torch.zeros_like(free))
+def ball_box_minimum(z: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                     rho: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """min c^T p of problem (11), (B, S), without forming p: sum over the projected coordinates
+    of c target plus, over the free ones, c (z - t c) (the training path: fewer passes over the
+    (B, S, n) tensors than `solve_ball_box`)."""
+    z3, r = z.unsqueeze(1), rho.view(-1, 1)
+    target = torch.where(c > 0, lower.unsqueeze(1), upper.unsqueeze(1))
+    projected, _ = _projected_set(z3, target, r, c, c.shape[-1])
+    t = _step_length(projected, target, z3, r, c)
+    free_sq = torch.where(projected, torch.zeros_like(c), c).pow(2).sum(-1)
+    return (c * torch.where(projected, target, z3)).sum(-1) - t * free_sq
 
 
-def pair_vectors(last: nn.Linear, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """c = W_y - W_m and b_y - b_m for every class m (row y is zero): (B, K, n), (B, K)."""
-    weight, bias = last.weight, last.bias
-    c = weight[labels].unsqueeze(1) - weight.unsqueeze(0)
-    b = (bias[labels].unsqueeze(1) - bias.unsqueeze(0)) if bias is not None \
-        else c.new_zeros(c.shape[:2])
-    return c, b
+def pair_vectors(last: nn.Linear, spec: Specification | torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The specification folded into the logit layer: c = C W and C b, (B, S, n) and (B, S). A
+    label tensor stands for the margin specification, whose row m is c = W_y - W_m (row y
+    zero)."""
+    if isinstance(spec, torch.Tensor):
+        spec = margin_specification(spec, last.out_features)
+    return spec.elide(last)
 
 
-def margin_lower(outer: Outer, labels: torch.Tensor, use_box: bool = True) -> torch.Tensor:
-    """Lower bounds (B, K) on z_y - z_m over the outer bound: the ball intersected with the box
-    (BCP) or the ball alone (the global-Lipschitz / GloRo bound). Entry y is 0."""
-    c, b = pair_vectors(outer.last, labels)
+def margin_lower(outer: Outer, spec: Specification | torch.Tensor,
+                 use_box: bool = True) -> torch.Tensor:
+    """Lower bounds (B, S) on the specification's margins C z over the outer bound: the ball
+    intersected with the box (BCP) or the ball alone (the global-Lipschitz / GloRo bound). With
+    labels, the margins z_y - z_m (entry y is 0)."""
+    c, b = pair_vectors(outer.last, spec)
     if use_box:
-        p = solve_ball_box(outer.z, outer.lower, outer.upper, outer.rho, c)
-        return (c * p).sum(-1) + b
+        return ball_box_minimum(outer.z, outer.lower, outer.upper, outer.rho, c) + b
     return (c * outer.z.unsqueeze(1)).sum(-1) + b - outer.rho.unsqueeze(1) * c.norm(dim=-1)
 
 

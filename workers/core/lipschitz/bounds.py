@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..bounds.perturbation import PerturbationSet
+from ..bounds.spec import Specification, margin_specification
 from .bcp import Outer, margin_lower, pair_vectors, propagate, tightness
 from .network import input_radius, network_of
 from .norms import CertifiedGlobalNorms, CertifiedLocalNorms
@@ -37,19 +38,20 @@ def local_bound(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet
     return local_outer(model, x, perturbation, CertifiedLocalNorms(settings))[1]
 
 
-def lipschitz_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+def lipschitz_margins(model: nn.Module, x: torch.Tensor, spec: Specification | torch.Tensor,
                       perturbation: PerturbationSet,
                       settings: CertifySettings = CertifySettings()) -> torch.Tensor:
-    """Global-Lipschitz margin lower bounds (B, K): z_y - z_m - rho ||W_y - W_m||, rho = r times
-    the product of the hidden layers' norms (the ball of Tsuzuku et al. through the last layer,
-    tighter than sqrt(2) r L)."""
+    """Global-Lipschitz margin lower bounds (B, S): C z - rho ||c|| with c = C W (for labels:
+    z_y - z_m - rho ||W_y - W_m||), rho = r times the product of the hidden layers' norms (the
+    ball of Tsuzuku et al. through the last layer, tighter than sqrt(2) r L)."""
     network = network_of(model, x)
     norms = CertifiedGlobalNorms(model, network, settings).values
     rho = input_radius(perturbation, x) * torch.stack(norms[:-1]).prod().to(x.dtype)
+    if isinstance(spec, torch.Tensor):
+        spec = margin_specification(spec, network.last.out_features)
     logits = model(x)
-    c, _ = pair_vectors(network.last, y)
-    true = logits.gather(1, y[:, None])
-    return true - logits - rho * c.norm(dim=-1)
+    c, _ = pair_vectors(network.last, spec)
+    return torch.einsum("bsk,bk->bs", spec.matrix.to(logits.dtype), logits) - rho * c.norm(dim=-1)
 
 
 def bcp_outer(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet,
@@ -68,6 +70,7 @@ def local_margins(model, x, y, perturbation, settings: CertifySettings = Certify
     return margin_lower(outer, y, use_box=True)
 
 
+@torch.no_grad()
 def bcp_tightness(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet,
                   settings: CertifySettings = CertifySettings()
                   ) -> tuple[torch.Tensor, torch.Tensor]:

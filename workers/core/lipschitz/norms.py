@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .network import Affine, Network
-from .power import CertifySettings, GlobalPower, certified_norms, power_iterate, sigma
+from .power import (CertifySettings, GlobalPower, certified_norms, power_iterate, reduced_apply,
+                    reduced_apply_t)
 
 
 class IterateStore:
@@ -122,21 +123,29 @@ class TrainingLocalNorms:
     def __call__(self, layer, affine: Affine, in_mask, out_mask) -> torch.Tensor:
         batch = _batch(in_mask, out_mask)
         weight = affine.weight
-        # drawn on the layer's device from torch's global generator (saved with the checkpoint
-        # on the CPU): a CPU draw of (batch x input size) every layer and step is a bottleneck
-        fresh = torch.randn((batch, *affine.in_shape), device=weight.device, dtype=weight.dtype)
         u = None
         if self.init == "saved" and self.index is not None:
             u = self.store.get(layer, self.index, affine.in_shape)
         if u is None:
-            u = fresh
+            # drawn on the layer's device from torch's global generator (saved with the
+            # checkpoint on the CPU)
+            u = torch.randn((batch, *affine.in_shape), device=weight.device, dtype=weight.dtype)
         else:
-            # a little noise keeps the start off the null space when the mask has moved
-            u = u.to(weight.device, weight.dtype) + 1e-2 * fresh / fresh[0].numel() ** 0.5
-        u, _ = power_iterate(affine, u, self.iterations, in_mask, out_mask)
+            # a small constant component keeps the start off the reduced operator's null space
+            # where the mask has moved (and seeds rows never seen); cheaper than fresh noise
+            u = u.to(weight.device, weight.dtype) + 1e-2 / affine.in_numel ** 0.5
+        # the last of the power steps carries the gradient: v = unit(A u) without it, then
+        # sigma = ||A^T v|| (<= ||A|| for a unit v), one operator pass fewer than ||A u|| after
+        # a full last step
+        u, _ = power_iterate(affine, u, self.iterations - 1, in_mask, out_mask)
+        with torch.no_grad():
+            v = reduced_apply(affine, u, in_mask, out_mask)
+            v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (v.dim() - 1))
+        back = reduced_apply_t(affine, v, in_mask, out_mask)
+        norm = back.flatten(1).norm(dim=1)
         if self.init == "saved" and self.index is not None:
-            self.store.put(layer, self.index, u)
-        return sigma(affine, u, in_mask, out_mask)
+            self.store.put(layer, self.index, back.detach())  # the next u, up to its length
+        return norm
 
 
 class CertifiedLocalNorms:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..lipschitz import input_radius, network_of
+from ..lipschitz.bcp import pair_vectors
 from .base import METHODS
 from .bcp import LipschitzTraining, global_norms
 
@@ -28,8 +29,7 @@ class GloroTraining(LipschitzTraining):
         norms = global_norms(self, model, x, state)
         rho = input_radius(state.perturbation, x) * torch.stack(norms.values[:-1]).prod()
         logits = model(x)
-        last = network.last
-        c = last.weight[y].unsqueeze(1) - last.weight.unsqueeze(0)
+        c, _ = pair_vectors(network.last, y)  # W_y - W_m
         lower = logits.gather(1, y[:, None]) - logits - rho * c.norm(dim=-1)
         lipschitz = torch.stack(norms.values).prod().detach()
         return gloro_loss(logits, lower, y), lower, {"lipschitz": lipschitz}
