@@ -29,9 +29,11 @@ METRIC = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_+-]+)*$")
 BLOCKS = ("metrics", "timing", "history")
 # How a per-epoch list (timing.sec_per_epoch, a history curve) becomes one number.
 REDUCE = ("mean", "last", "max", "min")
-# How a column combines a row's runs (its seeds): one run, or a statistic over the runs. `best` and
-# `worst` are the runs with the highest and lowest metric value (metrics are accuracies: higher is
-# better); `median`, `q1`, `q3` are the 50th, 25th and 75th percentiles.
+# How a column combines a row's runs (its seeds, times the models of its `family`): one run, or a
+# statistic over the runs. `mean`, `std`, `median`, `q1`, `q3` (50th, 25th, 75th percentiles) are
+# taken over the runs' values in the column's unit (after its transform: the q1 of an error column
+# is the 25th percentile of the errors); `best` and `worst` are the runs with the highest and the
+# lowest raw metric value (metrics are accuracies: the best run has the lowest error).
 AGGREGATES = ("single", "mean", "std", "median", "q1", "q3", "best", "worst")
 MULTI_RUN_AGGREGATES = ("std", "median", "q1", "q3", "best", "worst")
 

@@ -13,6 +13,7 @@ import pytest
 from experiments import PROFILES, load_spec, list_specs, row_configs
 from workers.core.certify import CERTIFIERS
 from workers.core.config import RunConfig, resolve
+from workers.core.data import DATASETS
 from workers.core.methods import METHODS
 from workers.core.models import MODELS
 
@@ -26,6 +27,14 @@ TABLES: dict[str, tuple[str, int, dict[str, str]]] = {
     "bcp/table2": (BCP, 15, {}),
     "locallip/table1": (LOCALLIP, 4, {}),
     "locallip/table2": (LOCALLIP, 37, {}),
+    "ibp/table2": (IBP, 3, {}),
+    "ibp/table5": (IBP, 12, {}),
+    "ibp/table6": (IBP, 34, {
+        **{f"mnist-eps0.1-lit-{k}": "Reported in literature" for k in range(6)},
+        **{f"mnist-eps0.3-lit-{k}": "Reported in literature" for k in range(6)},
+        **{f"cifar10-eps1_510-lit-{k}": "Reported in literature (Mirman et al.)" for k in range(2)},
+        **{f"cifar10-eps2_255-lit-{k}": "Reported in literature" for k in range(6)},
+        **{f"cifar10-eps8_255-lit-{k}": "Reported in literature (Wong et al.)" for k in range(2)}}),
     "crown003/table1": (CROWN003, 32, {
         "mnist-best-of-pv": "Best of PV (Dvijotham et al. 2018a): another paper's result",
         "mnist-best-of-rs": "Best of RS (Xiao et al. 2018): another paper's result",
@@ -58,6 +67,8 @@ NOT_IMPLEMENTED: dict[str, dict[str, str]] = {
         "cifar10-6c2f-cayley-maxmin": "method cayley (orthogonal layers, not defined in the text)",
         "tinyimagenet-7c1f-standard": "model 7C1F (not defined in the text)",
         "tinyimagenet-7c1f-gloro": "model 7C1F (not defined in the text)"},
+    "ibp/table2": {row: "data set imagenet64 (downscaled ImageNet) and model wrn-10-10"
+                   for row in ("nominal", "madry", "ibp")},
     "crown003/table2": {"ci-reimp": FAMILY_LARGE, "ci-reg": FAMILY_LARGE},
     "crown003/table4": {f"model-{m}-{kind}": f"model cibp_small_{m} (Zhang et al.'s small "
                         "family, not defined in 003's text)"
@@ -97,6 +108,7 @@ def test_every_reported_number_has_its_papers_source(name):
 def _unavailable(config: dict) -> list[str]:
     missing = [f"method {config['method']}"] if config["method"] not in METHODS else []
     missing += [f"model {config['model']}"] if config["model"] not in MODELS else []
+    missing += [f"dataset {config['dataset']}"] if config["dataset"] not in DATASETS else []
     missing += [f"certifier {c}" for c in config["certifiers"] if c not in CERTIFIERS]
     return missing
 
