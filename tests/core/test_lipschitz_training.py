@@ -1,6 +1,7 @@
 """Training with the Lipschitz methods on digits at an l_2 eps: each certifies far more than
 nominal training under its own certificate, BCP's tau is below the global one on the trained
 model, Local-Lip's saved iterate vectors survive a resume exactly, and the variants run."""
+import numpy as np
 import pytest
 import torch
 
@@ -117,3 +118,21 @@ def test_saved_iterate_store_size_for_cifar10_6c2f():
     assert store.nbytes == 5 * 6 * 2
     got = store.get(0, torch.tensor([1, 9, 0]), (3, 2))
     assert torch.equal(got[0], torch.ones(3, 2)) and not got[1:].any()  # unseen rows: zeros
+
+
+def test_memory_mapped_store_writes_through_and_grows(tmp_path):
+    store = IterateStore(directory=tmp_path / "u")
+    store.put(1, torch.tensor([0, 2]), torch.full((2, 4, 2), 0.5))
+    assert (tmp_path / "u" / "layer1-3x8.f16").stat().st_size == 3 * 8 * 2
+    store.put(1, torch.tensor([7]), torch.full((1, 4, 2), -1.0))  # grows to 8 rows, old file gone
+    assert sorted(p.name for p in (tmp_path / "u").iterdir()) == ["layer1-8x8.f16"]
+    got = store.get(1, torch.tensor([2, 7, 1]), (4, 2))
+    assert torch.equal(got[0], torch.full((4, 2), 0.5)) and torch.equal(got[1], -torch.ones(4, 2))
+    assert not got[2].any()
+    mapped = np.memmap(tmp_path / "u" / "layer1-8x8.f16", dtype=np.float16, mode="r")
+    assert mapped.reshape(8, 8)[7, 0] == -1.0  # on disk, not only in memory
+    with pytest.raises(ValueError, match="float16 or float32"):
+        IterateStore(torch.bfloat16, directory=tmp_path)
+    restored = IterateStore(directory=tmp_path / "v")
+    restored.load_state_dict(store.state_dict())
+    assert torch.equal(restored.get(1, torch.tensor([7]), (8,)), store.get(1, torch.tensor([7]), (8,)))

@@ -1,14 +1,16 @@
 """Lipschitz-based bounds for l_2 (and, through the circumscribing ball, l_inf) certificates:
 power iteration for layer norms (`power`), the network read as affine stages (`network`), BCP's
 ball-and-box propagation and its problem-(11) solver (`bcp`), the global / local norm providers
-and Local-Lip's per-example iterate store (`norms`), and whole-network bounds (`bounds`)."""
+(`norms`), Local-Lip's per-example iterate store (`store`), and whole-network bounds
+(`bounds`)."""
 from .bcp import Outer, margin_lower, propagate, solve_ball_box, tightness, worst_logits
 from .bounds import (bcp_margins, bcp_outer, bcp_tightness, global_bound, lipschitz_margins,
                      local_bound, local_margins, local_outer)
 from .network import Affine, Network, input_radius, network_of
-from .norms import (CertifiedGlobalNorms, CertifiedLocalNorms, IterateStore, TrainingGlobalNorms,
+from .norms import (CertifiedGlobalNorms, CertifiedLocalNorms, TrainingGlobalNorms,
                     TrainingLocalNorms)
 from .power import CertifySettings, GlobalPower, certified_norms, power_iterate, safety_factor
+from .store import IterateStore
 
 __all__ = [
     "Outer", "margin_lower", "propagate", "solve_ball_box", "tightness", "worst_logits",

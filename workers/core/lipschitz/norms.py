@@ -1,6 +1,6 @@
 """The layer norms `propagate` asks for, four ways: global or local (Local-Lip Eq. 6, the
 reduced operator I_out W I_in of each example), estimated for training or bounded for
-certificates. Also the per-example store of Local-Lip's power-iteration vectors.
+certificates.
 """
 from __future__ import annotations
 
@@ -11,59 +11,9 @@ import torch
 from torch import nn
 
 from .network import Affine, Network
+from .store import IterateStore
 from .power import (CertifySettings, GlobalPower, certified_norms, power_iterate, reduced_apply,
                     reduced_apply_t)
-
-
-class IterateStore:
-    """Local-Lip's saved iterate vectors: for every training example and every affine layer the
-    last u, kept in host memory in float16 (Section 3.3: it only seeds the next power iteration,
-    so low precision is enough). Rows grow as new example indices appear; a row never written is
-    all zeros and is seeded at random instead."""
-
-    def __init__(self, dtype: torch.dtype = torch.float16):
-        self.dtype = dtype
-        self.tables: dict[int, torch.Tensor] = {}
-
-    def get(self, layer: int, index: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
-        table = self.tables.get(layer)
-        numel = int(torch.Size(shape).numel())
-        if table is None or table.shape[1] != numel:
-            return None
-        rows = index.cpu().clamp_max(table.shape[0] - 1)
-        out = table[rows].float()
-        out[index.cpu() >= table.shape[0]] = 0
-        return out.view(len(index), *shape)
-
-    def put(self, layer: int, index: torch.Tensor, u: torch.Tensor) -> None:
-        flat = u.detach().flatten(1).to("cpu", self.dtype)
-        table = self.tables.get(layer)
-        needed = int(index.max()) + 1
-        if table is None or table.shape[1] != flat.shape[1]:
-            table = torch.zeros((needed, flat.shape[1]), dtype=self.dtype)
-        elif table.shape[0] < needed:  # grow geometrically: a few copies over a whole epoch
-            grown = torch.zeros((max(needed, 2 * table.shape[0]), flat.shape[1]), dtype=self.dtype)
-            grown[:table.shape[0]] = table
-            table = grown
-        table[index.cpu()] = flat
-        self.tables[layer] = table
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tables.values())
-
-    @staticmethod
-    def size_for(network: Network, examples: int, dtype: torch.dtype = torch.float16) -> int:
-        """Bytes the store takes for `examples` training examples: one input-shaped vector per
-        affine layer and example."""
-        per_example = sum(stage.affine.in_numel for stage in network.stages)
-        return per_example * examples * torch.empty((), dtype=dtype).element_size()
-
-    def state_dict(self) -> dict:
-        return {str(k): v for k, v in self.tables.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.tables = {int(k): v for k, v in state.items()}
 
 
 class TrainingGlobalNorms:

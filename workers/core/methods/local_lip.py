@@ -37,6 +37,8 @@ class LocalLipOptions(LipschitzOptions):
         "saved", description="power-iteration start: the example's saved u, or random (Table 1)")
     lambda_sparse: float = Field(0.0, ge=0, description="Eq. 26; Table 3: 0 (MNIST, CIFAR-10)")
     lambda_theta: float = Field(0.0, ge=0, description="Eq. 26; Table 3: 0 (MNIST, CIFAR-10)")
+    store_dir: str | None = Field(
+        None, description="saved u in memory-mapped float16 files here; None: host memory")
 
 
 def sparsity(outer, lambda_theta: float) -> torch.Tensor:
@@ -54,7 +56,7 @@ class LocalLipTraining(LipschitzTraining):
 
     def __init__(self, config):
         super().__init__(config)
-        self.store = IterateStore()
+        self.store = IterateStore(directory=self.options.store_dir)
 
     def combine(self, logits, lower, y) -> torch.Tensor:
         raise NotImplementedError
