@@ -27,6 +27,14 @@ TABLES: dict[str, tuple[str, int, dict[str, str]]] = {
     "bcp/table2": (BCP, 15, {}),
     "locallip/table1": (LOCALLIP, 4, {}),
     "locallip/table2": (LOCALLIP, 37, {}),
+    "locallip/table5": (LOCALLIP, 5, {}),
+    "locallip/table7": (LOCALLIP, 16, {}),
+    # figures: a row per plotted series (per point where the x axis is a config field)
+    "locallip/figure2": (LOCALLIP, 2, {}),  # Local-Lip-B and BCP training curves
+    "locallip/figure3": (LOCALLIP, 3, {}),  # standard, BCP, Local-Lip-B
+    "bcp/figure3": (BCP, 3, {}),  # MNIST, CIFAR-10, Tiny ImageNet
+    # 3 panels x methods x 5 eps_eval points of our grid (the text gives no x values)
+    "bcp/figure4": (BCP, 3 * 5 + 2 * 4 * 5, {}),
     "ibp/table2": (IBP, 3, {}),
     "ibp/table5": (IBP, 12, {}),
     "ibp/table6": (IBP, 34, {
