@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ log = logging.getLogger("certrepro.sweeps")
 # Metrics a trial evaluates after each epoch from its checkpoint (on the test subset): the
 # certifier or attack a metric needs. Training statistics (loss, ...) need nothing.
 EVALUATED = ("clean_acc", "pgd_acc", "verified_acc.")
+STATE_INTERVAL = 0.5  # seconds between two writes of the sweep's state file
 
 
 @dataclass
@@ -206,8 +208,10 @@ def _tune_callback_class():
         def __init__(self, ctx: SweepContext):
             self.ctx = ctx
             self._written: str | None = None
+            self._synced_at = 0.0
 
         def _sync(self, trials: list) -> None:
+            self._synced_at = time.monotonic()
             records = [trial_record(t) for t in trials]
             text = json.dumps(records, sort_keys=True, default=str)
             if text != self._written:
@@ -216,6 +220,12 @@ def _tune_callback_class():
                 self._written = text
 
         def on_step_end(self, iteration: int, trials: list, **info) -> None:
+            # Tune's loop steps many times a second: results are written at most every
+            # STATE_INTERVAL (a trial's start, end or error is written at once)
+            if time.monotonic() - self._synced_at >= STATE_INTERVAL:
+                self._sync(trials)
+
+        def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
             self._sync(trials)
 
         def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
