@@ -67,11 +67,11 @@ FAMILY_LARGE = "models cibp_large_a-h (Zhang et al.'s large family, not defined 
 
 # spec -> {row id: what it waits on}; every other row's quick config is a valid RunConfig
 NOT_IMPLEMENTED: dict[str, dict[str, str]] = {
-    "bcp/table1": {"cifar10-wrn-cap": "model wrn (not defined in the BCP text)",
-                   "cifar10-wrn-bcp": "model wrn (not defined in the BCP text)"},
-    "bcp/table2": {"cifar10-wrn-cap": "model wrn (not defined in the BCP text)",
-                   "cifar10-wrn-lmt": "model wrn (not defined in the BCP text)",
-                   "cifar10-wrn-bcp": "model wrn (not defined in the BCP text)"},
+    "bcp/table1": {"cifar10-wrn-cap": "model WRN (not defined in the BCP text)",
+                   "cifar10-wrn-bcp": "model WRN (not defined in the BCP text)"},
+    "bcp/table2": {"cifar10-wrn-cap": "model WRN (not defined in the BCP text)",
+                   "cifar10-wrn-lmt": "model WRN (not defined in the BCP text)",
+                   "cifar10-wrn-bcp": "model WRN (not defined in the BCP text)"},
     "locallip/table2": {
         "cifar10-4c3f-relu-stability": "method relu_stability (Xiao et al. with l2 adversarial "
                                        "training) and certifier alpha_beta_crown",
