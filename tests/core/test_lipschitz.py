@@ -188,11 +188,14 @@ def _sampled_min_margins(model, x, y, eps, samples, gen, pixel=True):
     return worst
 
 
-@pytest.mark.parametrize("net", ["mlp-2d", "mlp-theta", "conv"])
+@pytest.mark.parametrize("net", ["mlp-2d", "mlp-theta", "mlp-maxmin-2d", "conv"])
 def test_every_margin_bound_holds_against_sampling_and_pgd(net):
     gen = torch.Generator().manual_seed(3)
     if net == "mlp-2d":  # 2-D input: 4000 samples are a dense cover of the disc
         model = mlp(gen, (2, 16, 16, 3))
+        x = torch.rand(24, 2, generator=gen, dtype=DTYPE)
+    elif net == "mlp-maxmin-2d":
+        model = mlp(gen, (2, 16, 16, 4), lambda s: MaxMin(s, 0.6, -0.4)).to(DTYPE)
         x = torch.rand(24, 2, generator=gen, dtype=DTYPE)
     elif net == "mlp-theta":
         model = mlp(gen, (8, 20, 20, 4), lambda s: ReLUTheta(s, 0.7)).to(DTYPE)
@@ -204,7 +207,7 @@ def test_every_margin_bound_holds_against_sampling_and_pgd(net):
         y = model(x).argmax(dim=1)
     for eps in (0.05, 0.3):
         perturbation = PerturbationSet("l2", eps)
-        seen = _sampled_min_margins(model, x, y, eps, 4000 if net == "mlp-2d" else 600, gen)
+        seen = _sampled_min_margins(model, x, y, eps, 4000 if net.endswith("2d") else 600, gen)
         for name, bound in (("lipschitz", lipschitz_margins), ("bcp", bcp_margins),
                             ("local_lip", local_margins)):
             lower = bound(model, x, y, perturbation)
