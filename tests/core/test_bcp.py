@@ -162,3 +162,18 @@ def test_general_specifications_fold_into_the_last_layer():
         assert (lower <= values + 1e-9).all()
     ball = lipschitz_margins(model, x, Specification(matrix), perturbation)
     assert (ball <= lower + 1e-9).all()
+
+
+def test_the_box_intersection_has_the_gradient_of_max_and_min():
+    from workers.core.lipschitz.bcp import _intersect
+    gen = torch.Generator().manual_seed(6)
+    center = torch.randn(3, 2, 4, generator=gen, dtype=DTYPE, requires_grad=True)
+    for radius_shape in ((1, 2, 4), (3, 2, 4)):
+        radius = torch.rand(radius_shape, generator=gen, dtype=DTYPE).requires_grad_(True)
+        lower = (center.detach() - torch.rand(3, 2, 4, generator=gen, dtype=DTYPE)).requires_grad_()
+        upper = (center.detach() + torch.rand(3, 2, 4, generator=gen, dtype=DTYPE)).requires_grad_()
+        low, up = _intersect(center, radius, lower, upper)
+        assert torch.equal(low, torch.maximum(center - radius, lower))
+        assert torch.equal(up, torch.minimum(center + radius, upper))
+        assert torch.autograd.gradcheck(lambda *a: torch.cat(_intersect(*a)),
+                                        (center, radius, lower, upper))

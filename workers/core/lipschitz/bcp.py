@@ -54,6 +54,44 @@ def _view(rho: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return rho.view(-1, *([1] * (like.dim() - 1)))
 
 
+class _Intersect(torch.autograd.Function):
+    """[c - r, c + r] intersected with [l, u] (Eq. 8), keeping only which side won for the
+    backward pass (two bool masks instead of four float tensors: BCP's propagation is bound by
+    memory traffic more than by arithmetic)."""
+
+    @staticmethod
+    def forward(ctx, center, radius, lower, upper):
+        ball_lower, ball_upper = center - radius, center + radius
+        take_ball_lower, take_ball_upper = ball_lower >= lower, ball_upper <= upper
+        ctx.save_for_backward(take_ball_lower, take_ball_upper)
+        ctx.shapes = (center.shape, radius.shape)
+        return (torch.where(take_ball_lower, ball_lower, lower),
+                torch.where(take_ball_upper, ball_upper, upper))
+
+    @staticmethod
+    def backward(ctx, grad_lower, grad_upper):
+        take_ball_lower, take_ball_upper = ctx.saved_tensors
+        center_shape, radius_shape = ctx.shapes
+        ball_lower = torch.where(take_ball_lower, grad_lower, 0)
+        ball_upper = torch.where(take_ball_upper, grad_upper, 0)
+        grad_center = ball_lower + ball_upper
+        grad_radius = _sum_to(ball_upper - ball_lower, radius_shape)
+        return (_sum_to(grad_center, center_shape), grad_radius, grad_lower - ball_lower,
+                grad_upper - ball_upper)
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Undo broadcasting: sum grad down to `shape`."""
+    if grad.shape == shape:
+        return grad
+    dims = [i for i, (g, s) in enumerate(zip(grad.shape, shape)) if s == 1 and g != 1]
+    return grad.sum(dim=dims, keepdim=True)
+
+
+def _intersect(center, radius, lower, upper):
+    return _Intersect.apply(center, radius, lower, upper)
+
+
 def propagate(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet, norm_of: NormFn,
               masks: bool = False) -> Outer:
     """Ball and box outer bounds up to the penultimate layer (see the module docstring). With
@@ -77,8 +115,7 @@ def propagate(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet, 
         center = affine.layer(z)
         radius = affine.row_norms(in_mask) * _view(rho, center)  # Eq. 6
         ia_lower, ia_upper = rule_for(affine.layer)(affine.layer, lower, upper)  # Eq. 7
-        box_lower = torch.maximum(center - radius, ia_lower)  # Eq. 8 (intersection)
-        box_upper = torch.minimum(center + radius, ia_upper)
+        box_lower, box_upper = _intersect(center, radius, ia_lower, ia_upper)  # Eq. 8
         rule = ACTIVATION_RULES[type(activation)]
         out_mask = rule.needed(activation, box_lower, box_upper) if masks else None
         norm = norm_of(i, affine, in_mask, out_mask)
