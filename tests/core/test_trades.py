@@ -48,4 +48,5 @@ def test_trades_beats_nominal_under_pgd(one_thread, norm, eps):
                           PGD(steps=20, restarts=1))
         metrics[method] = outcome.metrics()
     assert metrics["trades"]["clean_acc"] > 0.7
-    assert metrics["trades"]["pgd_acc"] > metrics["nominal"]["pgd_acc"] + 0.2, metrics
+    # seed 0: l_inf 0.61 vs 0.22, l_2 0.45 vs 0.11 (seed 1: 0.61 vs 0.37, 0.45 vs 0.13)
+    assert metrics["trades"]["pgd_acc"] > metrics["nominal"]["pgd_acc"] + 0.15, metrics
