@@ -9,11 +9,13 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import TypeAdapter, ValidationError
 
 import experiments
+from orchestrator import figures
 from orchestrator.jobs import JobRequestError, plan_run, plan_sweep, plan_table
+from orchestrator.report import report_html
 from orchestrator.store import IdempotencyInProgress, IdempotencyMismatch, NotFound
 from orchestrator.sweep_state import best_trial
 from orchestrator.tables import FORMATS, render
@@ -57,6 +59,14 @@ def create_app(service, manage_service: bool = False, on_started=None) -> FastAP
                           "header", headers={"WWW-Authenticate": "X-API-Key"})
 
     guarded = [Depends(require_key)]
+
+    def require_key_for_browser(x_api_key: str | None = Header(None),
+                                key: str | None = Query(None)) -> None:
+        """Pages a browser opens (the report and its images) cannot send a header: they may
+        carry the key as `?key=` instead."""
+        require_key(x_api_key if x_api_key is not None else key)
+
+    browser_guarded = [Depends(require_key_for_browser)]
 
     def job_or_404(job_id: str):
         try:
@@ -170,6 +180,32 @@ def create_app(service, manage_service: bool = False, on_started=None) -> FastAP
                                                "message": f"allowed: {', '.join(FORMATS)}"}])
         text = render(service.job_table(job_or_404(job_id)), format)
         return Response(text, media_type=MEDIA[format])
+
+    def job_table_or_none(job):
+        try:
+            return service.job_table(job)
+        except ValueError:  # e.g. a spec that no longer loads: the page still shows the rows
+            return None
+
+    @app.get("/jobs/{job_id}/report", dependencies=browser_guarded,
+             response_class=HTMLResponse)
+    def report(job_id: str, key: str | None = Query(None)):
+        job = job_or_404(job_id)
+        table = job_table_or_none(job)
+        names = figures.available(job, table or {})
+        page = report_html(job, table, names, key=key)
+        return HTMLResponse(page)
+
+    @app.get("/jobs/{job_id}/figures/{name}", dependencies=browser_guarded)
+    def figure(job_id: str, name: str):
+        job = job_or_404(job_id)
+        if name not in figures.FIGURES:
+            raise Problem(404, "Not found", f"there is no figure {name!r}; figures: "
+                          f"{', '.join(figures.FIGURES.names())}")
+        png = figures.render_png(name, job, job_table_or_none(job) or {})
+        if png is None:
+            raise Problem(404, "Not found", f"job {job_id} has nothing to draw in {name!r} yet")
+        return Response(png, media_type="image/png")
 
     @app.get("/experiments", dependencies=guarded)
     def list_experiments():

@@ -12,6 +12,7 @@ from typing import Any
 import experiments
 from workers.core.config import config_hash
 
+from . import figures
 from .settings import Settings
 from .store import JobStore, JobView, RowView
 from .tables import RowOutcome, assemble, render
@@ -71,13 +72,14 @@ class Tracking:
             self.tracker.finish(row.mlflow_run_id, status)
 
     def job_progress(self, store: JobStore, row_id: str) -> None:
-        """When a job ends: its table on the parent run, and the parent run closed."""
+        """When a job ends: its table and figures on the parent run, and the parent run closed."""
         job = store.get_job(store.get_row(row_id).job_id)
         if job.status not in TERMINAL or not job.mlflow_run_id:
             return
         table = job_table(job)
         self.tracker.log_table(job.mlflow_run_id, render(table, "md"), render(table, "csv"),
                                table_rows(table))
+        self.tracker.log_figures(job.mlflow_run_id, figures.render_all(job, table))
         self.tracker.finish(job.mlflow_run_id, MLFLOW_STATUS[job.status])
 
 

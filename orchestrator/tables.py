@@ -207,7 +207,7 @@ def _signed(value: float, column: dict[str, Any]) -> str:
     return ("-" if value < 0 and text.strip("0.") else "+") + text
 
 
-def _ours(cell: dict[str, Any], column: dict[str, Any]) -> str:
+def ours_text(cell: dict[str, Any], column: dict[str, Any]) -> str:
     """Our side of a cell: the number (with its std over seeds), or why there is none."""
     if cell["reproduced"] is None:
         return {"pending": "pending", "not implemented": "not implemented", "failed": "failed",
@@ -221,7 +221,7 @@ def _ours(cell: dict[str, Any], column: dict[str, Any]) -> str:
 def cell_text(cell: dict[str, Any], column: dict[str, Any], dash: str = EMPTY,
               plus_minus: str = "\u00b1") -> str:
     """'ours (paper, +diff)'; the paper's side is a dash when it has no number."""
-    ours = _ours(cell, column).replace("\u00b1", plus_minus)
+    ours = ours_text(cell, column).replace("\u00b1", plus_minus)
     if cell["reported"] is None:
         return f"{ours} ({dash})"
     paper = _number(cell["reported"], column)

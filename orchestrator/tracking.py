@@ -27,7 +27,9 @@ import math
 import numbers
 import os
 import re
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -296,6 +298,15 @@ class MLflowTracker(_ClientHolder):
                 self.client.log_text(run_id, text, "table.json")
                 return
         self.client.log_table(run_id, data=columns, artifact_file="table.json")
+
+    def log_figures(self, run_id: str, figures: dict[str, bytes]) -> None:
+        """PNG bytes by name, as figures/<name>.png on `run_id` (logging again replaces them)."""
+        if not figures:
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            for name, png in figures.items():
+                (Path(folder) / f"{name}.png").write_bytes(png)
+            self.client.log_artifacts(run_id, folder, "figures")
 
     def _delete_artifact(self, run_id: str, path: str) -> None:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository

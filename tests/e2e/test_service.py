@@ -128,6 +128,11 @@ def test_run_and_table_jobs_end_to_end(db_url, mlflow_server, tmp_path):
             assert run.info.status == "FINISHED"
         parent = mlflow.get_run(table_job["mlflow_run_id"])
         assert {"table.md", "table.csv"} <= {a.path for a in mlflow.list_artifacts(parent.info.run_id)}
+        # The figures are logged when the job ends, just after its status turns final.
+        wanted = {"figures/training_curves.png", "figures/seconds_per_epoch.png"}
+        wait_for(lambda: wanted <= {a.path for a in mlflow.list_artifacts(parent.info.run_id,
+                                                                           "figures")},
+                 30, "the job's figures on its MLflow run", 0.5)
     finally:
         code = service.stop()
     # SIGTERM is a clean shutdown (uvicorn re-raises the signal once it has shut down)
