@@ -13,7 +13,9 @@ from pydantic import ValidationError
 import experiments
 from workers.core.certify import CERTIFIERS
 from workers.core.config import RunConfig, describe_errors, resolve
+from workers.core.data import DATASETS
 from workers.core.methods import METHODS
+from workers.core.models import MODELS
 
 from . import sweep_space
 from .store import NewRow
@@ -65,11 +67,11 @@ def plan_table(spec_name: str, rows: list[str] | None, profile: str,
         field_name = "profile" if "profile" in str(error) else "seeds"
         raise JobRequestError([(field_name, str(error))]) from None
     plan = Plan([])
+    families = {row.id: row.family for row in spec.rows if row.family}
     for row_id, seed, config in selected:
-        missing_method = config.get("method") not in METHODS
-        if missing_method:
-            plan.not_implemented.append({"row": row_id, "seed": seed, "reason":
-                                         f"method {config.get('method')!r} is not implemented"})
+        reason = _not_implemented(config, families.get(row_id))
+        if reason:
+            plan.not_implemented.append({"row": row_id, "seed": seed, "reason": reason})
             continue
         certifiers = list(config.get("certifiers") or [])
         available = [name for name in certifiers if name in CERTIFIERS]
@@ -86,6 +88,24 @@ def plan_table(spec_name: str, rows: list[str] | None, profile: str,
         reasons = "; ".join(f"{item['row']}: {item['reason']}" for item in plan.not_implemented)
         raise JobRequestError([("rows", f"no selected row can run yet ({reasons})")])
     return plan
+
+
+def _not_implemented(config: dict[str, Any], family: list[str] | None) -> str | None:
+    """Why a table row cannot run yet (its method, model, family or data set is not in
+    certrepro), or
+    None. Certifiers are checked by the caller: some missing ones only drop a column."""
+    if config.get("method") not in METHODS:
+        return f"method {config.get('method')!r} is not implemented"
+    if family:
+        missing = [name for name in family if name not in MODELS]
+        if missing:
+            return f"models {missing} of the row's family are not defined"
+        return "rows over a family of models are not run yet"
+    if config.get("model") not in MODELS:
+        return f"model {config.get('model')!r} is not defined"
+    if config.get("dataset") not in DATASETS:
+        return f"data set {config.get('dataset')!r} is not available"
+    return None
 
 
 def plan_sweep(request: dict[str, Any]) -> Plan:

@@ -91,7 +91,7 @@ def job_table(job: JobView) -> dict[str, Any]:
         return sweep_table(job)
     spec = experiments.load_spec(job.spec) if job.spec else experiments.adhoc_spec(job.rows[0].config)
     outcomes = [RowOutcome(row.name if job.spec else spec.rows[0].id, row.seed, row.status,
-                           (row.result or {}).get("metrics") or {}, row.error)
+                           (row.result or {}).get("metrics") or {}, row.error, row.result)
                 for row in job.rows]
     left_out = (job.body.get("_left_out") or {}).get("rows", [])
     outcomes += [RowOutcome(item["row"], item["seed"], "not_implemented", {}, item["reason"])

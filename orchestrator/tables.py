@@ -43,6 +43,7 @@ class RowOutcome:
     status: str  # one of STATUSES
     metrics: dict[str, Any]  # {"clean_acc": .., "pgd_acc": .., "verified_acc": {"ibp": ..}}
     error: str | None = None
+    result: dict[str, Any] | None = None  # the whole row result (timing, history) when known
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,13 +120,53 @@ def _row_status(statuses: list[str]) -> str:
     return "not_implemented"
 
 
+# How a column's `aggregate` combines the runs' values (already in the column's unit); `best` and
+# `worst` pick a run by its raw metric (higher is better: metrics are accuracies), see _cell.
+AGGREGATORS = {
+    "single": statistics.fmean,
+    "mean": statistics.fmean,
+    "std": lambda values: statistics.stdev(values) if len(values) > 1 else None,
+    "median": statistics.median,
+    "q1": lambda values: _quartiles(values)[0],
+    "q3": lambda values: _quartiles(values)[2],
+}
+REDUCERS = {"mean": statistics.fmean, "last": lambda xs: xs[-1], "max": max, "min": min}
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    if len(values) == 1:
+        return values * 3
+    return statistics.quantiles(values, n=4, method="inclusive")
+
+
+def column_value(outcome: RowOutcome, column: Column) -> float | None:
+    """The raw number a run gives for `column`: from its metrics, or a per-epoch list of its
+    timing or history reduced to one number."""
+    if column.block == "metrics":
+        return metric_value(outcome.metrics, column.metric)
+    result = outcome.result or {}
+    if column.block == "timing":
+        series = (result.get("timing") or {}).get(column.metric)
+    else:  # history: one dict of means per epoch
+        series = [metric_value(epoch, column.metric) for epoch in result.get("history") or []]
+    if not isinstance(series, list):
+        return None
+    series = [v for v in series if isinstance(v, (int, float)) and math.isfinite(v)]
+    return float(REDUCERS[column.reduce or "mean"](series)) if series else None
+
+
 def _cell(spec: TableSpec, column: Column, reported, status: str, succeeded: list[RowOutcome],
           comparable: bool) -> dict[str, Any]:
-    values = [v for v in (metric_value(o.metrics, column.metric) for o in succeeded)
-              if v is not None]
-    values = [transform(v, column.transform) for v in values]
-    ours = statistics.fmean(values) if values else None
-    std = statistics.stdev(values) if len(values) > 1 else None
+    raw = [v for v in (column_value(o, column) for o in succeeded) if v is not None]
+    values = [transform(v, column.transform) for v in raw]
+    ours = std = None
+    if values and column.aggregate in ("best", "worst"):
+        pick = max if column.aggregate == "best" else min
+        ours = transform(pick(raw), column.transform)
+    elif values:
+        ours = AGGREGATORS[column.aggregate](values)
+    if column.aggregate in ("single", "mean") and len(values) > 1:
+        std = statistics.stdev(values)
     paper = reported.value if reported is not None else None
     diff = _round(ours - paper) if ours is not None and paper is not None else None
     tolerance = spec.column_tolerance(column)

@@ -284,3 +284,40 @@ def test_real_spec_table_renders():
     assert cells["ibp_verified_err"]["reproduced"] == pytest.approx(9.0)
     for fmt in FORMATS:
         assert render(table, fmt)
+
+
+def aggregate_spec() -> TableSpec:
+    source = {"file": "p.txt", "table": "Table 2", "row": "r", "column": "c"}
+    columns = [{"key": f"err_{agg}", "label": agg, "metric": "verified_acc.ibp",
+                "aggregate": agg} for agg in ("mean", "std", "median", "q1", "q3", "best", "worst")]
+    columns += [{"key": "sec", "label": "s/epoch", "metric": "sec_per_epoch", "block": "timing",
+                 "reduce": "mean", "transform": "raw"},
+                {"key": "last_loss", "label": "final loss", "metric": "loss", "block": "history",
+                 "reduce": "last", "transform": "raw"}]
+    return TableSpec.model_validate({
+        "name": "t/aggregate", "paper": {"file": "p.txt", "title": "A paper", "short": "P"},
+        "caption": "aggregates", "tolerance": 1.0, "seeds": [0, 1, 2, 3, 4],
+        "columns": columns, "defaults": {"method": "ibp"},
+        "rows": [{"id": "r", "label": "row",
+                  "reported": {"err_median": {"value": 20.0, "source": source}}}]})
+
+
+def test_aggregates_over_seeds_and_per_epoch_blocks():
+    """Five seeds with verified accuracies 0.9, 0.8, 0.7, 0.6, 0.5 (errors 10..50 %)."""
+    outcomes = []
+    for seed, acc in enumerate([0.9, 0.8, 0.7, 0.6, 0.5]):
+        result = {"timing": {"sec_per_epoch": [1.0 + seed, 3.0 + seed]},
+                  "history": [{"loss": 2.0}, {"loss": 1.0 - 0.1 * seed}]}
+        outcomes.append(RowOutcome("r", seed, "succeeded", metrics(0.95, ibp=acc), None, result))
+    cells = assemble(aggregate_spec(), outcomes, "paper")["rows"][0]["cells"]
+    value = {key: cell["reproduced"] for key, cell in cells.items()}
+    assert value["err_mean"] == pytest.approx(30.0) and cells["err_mean"]["std"] is not None
+    assert value["err_std"] == pytest.approx(15.811388, abs=1e-5)
+    assert value["err_median"] == pytest.approx(30.0)
+    assert value["err_q1"] == pytest.approx(20.0) and value["err_q3"] == pytest.approx(40.0)
+    assert value["err_best"] == pytest.approx(10.0)  # the run with the highest accuracy
+    assert value["err_worst"] == pytest.approx(50.0)
+    assert value["sec"] == pytest.approx(4.0)  # mean over epochs, then over seeds: (2+..+6)/5
+    assert value["last_loss"] == pytest.approx(0.8)  # last epoch: 1.0 .. 0.6, mean 0.8
+    assert cells["err_median"]["verdict"] == "off" and cells["err_median"]["diff"] == 10.0
+    assert cells["err_median"]["std"] is None  # a statistic of its own, no spread beside it
