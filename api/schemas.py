@@ -18,7 +18,8 @@ class TableJob(BaseModel):
     spec: str = Field(min_length=1, max_length=200, description="e.g. 'ibp/table4'")
     rows: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
         None, min_length=1, max_length=1000, description="row ids; all rows when left out")
-    profile: Literal["quick", "paper"] = "quick"
+    profile: Literal["quick", "paper", "smoke"] = Field(
+        "quick", description="smoke: seconds per row, to check that rows run (numbers mean nothing)")
     seeds: list[Annotated[int, Field(ge=0, le=1_000_000)]] = Field(
         default_factory=lambda: [0], min_length=1, max_length=100)
 

@@ -278,7 +278,7 @@ def add_submit_args(parser: argparse.ArgumentParser) -> None:
                         help="submit a sweep: a YAML with the sweep job's fields (config or "
                              "spec [and row], search_space, metric, mode, num_samples, scheduler, "
                              "max_concurrent_trials, resources_per_trial)")
-    parser.add_argument("--profile", choices=["quick", "paper"], default="quick")
+    parser.add_argument("--profile", choices=["quick", "paper", "smoke"], default="quick")
     parser.add_argument("--rows", help="comma-separated row ids of the table (default: all)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     parser.add_argument("--idempotency-key")

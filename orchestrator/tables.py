@@ -31,6 +31,8 @@ FORMATS = ("md", "csv", "latex", "html", "json")
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "not_implemented")
 QUICK_NOTE = ("Profile 'quick': scaled-down runs (small data, few epochs, cheaper attack); "
               "its numbers are NOT comparable with the paper's.")
+SMOKE_NOTE = ("Profile 'smoke': one epoch on a few examples, to check that the rows run; its "
+              "numbers mean nothing.")
 PAPER_NOTE = ("Profile 'paper': the paper's protocol; verdicts compare with the paper's numbers "
               "within an absolute tolerance of {tolerance} (column units).")
 EMPTY = "\u2013"  # en dash: the paper has no number
@@ -52,8 +54,8 @@ class RowOutcome:
 
 def assemble(spec: TableSpec, outcomes: list[RowOutcome], profile: str) -> dict[str, Any]:
     """The JSON-ready table for the spec rows that have outcomes (in spec order)."""
-    if profile not in ("quick", "paper"):
-        raise ValueError(f"unknown profile {profile!r}; allowed: quick, paper")
+    if profile not in ("quick", "paper", "smoke"):
+        raise ValueError(f"unknown profile {profile!r}; allowed: quick, paper, smoke")
     for outcome in outcomes:
         if outcome.status not in STATUSES:
             raise ValueError(f"row {outcome.row_id!r} seed {outcome.seed}: unknown status "
@@ -91,7 +93,8 @@ def assemble(spec: TableSpec, outcomes: list[RowOutcome], profile: str) -> dict[
         "caption": spec.caption,
         "profile": profile,
         "comparable": comparable,
-        "note": QUICK_NOTE if not comparable else PAPER_NOTE.format(tolerance=spec.tolerance),
+        "note": (PAPER_NOTE.format(tolerance=spec.tolerance) if comparable
+                 else SMOKE_NOTE if profile == "smoke" else QUICK_NOTE),
         "tolerance": spec.tolerance,
         "columns": [{"key": c.key, "label": c.label, "metric": c.metric, "transform": c.transform,
                      "unit": _unit(c), "tolerance": spec.column_tolerance(c), "note": c.note}

@@ -35,7 +35,7 @@ def test_spec_loads_and_summarizes(name):
     summary = spec_summary(spec)
     json.dumps(summary)  # JSON-ready
     assert summary["name"] == name
-    assert summary["profiles"] == ["quick", "paper"]
+    assert summary["profiles"] == ["quick", "paper", "smoke"]
     assert [r["id"] for r in summary["rows"]] == [r.id for r in spec.rows]
     assert all(r["methods"] for r in summary["rows"])
 
