@@ -11,6 +11,8 @@ page lists only the figures that exist. Registered here:
 - `seconds_per_epoch`: per row, the median seconds per epoch (the timing tables' quantity).
 - `reproduced_vs_reported`: every cell with both numbers, ours against the paper's, with the
   diagonal and the tolerance band; the quick profile is marked as not comparable.
+- `curves_over_eps`: for the figure specs whose rows certify one trained model at several eps
+  (IBP Figure 3, BCP Figure 4), every column over eps, a line per row group.
 """
 from __future__ import annotations
 
@@ -110,6 +112,38 @@ def reproduced_vs_reported(job: Any, table: dict[str, Any]) -> Figure | None:
         title += " (quick profile: not comparable)"
     axis.set(title=title, xlabel="paper", ylabel="ours", xlim=span, ylim=span)
     axis.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+@FIGURES.register("curves_over_eps")
+def curves_over_eps(job: Any, table: dict[str, Any]) -> Figure | None:
+    """The figure tables (IBP Figure 3, BCP Figure 4): each column over the certification eps,
+    one line per row group (a trained model), where a group has rows at several eps."""
+    configs = {row.name: row.config for row in job.rows}
+    groups: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+    for row in table.get("rows", []):
+        config = configs.get(row.get("id")) or {}
+        if config.get("eps") is not None:
+            # A line is one trained model: the row group (a panel or a model) and its method.
+            line = f"{row.get('group') or row['id']} [{config.get('method')}]"
+            groups.setdefault(line, []).append((config["eps"], row))
+    groups = {name: sorted(points, key=lambda p: p[0]) for name, points in groups.items()
+              if len({p[0] for p in points}) > 1}
+    columns = table.get("columns", [])
+    if not groups or not columns:
+        return None
+    figure, axes = plt.subplots(1, len(columns), figsize=(5 * len(columns), 4), squeeze=False)
+    for axis, column in zip(axes[0], columns):
+        for name, points in groups.items():
+            series = [(x, ((row.get("cells") or {}).get(column["key"]) or {}).get("reproduced"))
+                      for x, row in points]
+            series = [(x, y) for x, y in series if y is not None]
+            if series:
+                axis.plot(*zip(*series), marker="o", label=name)
+        unit = f" ({column['unit']})" if column.get("unit") else ""
+        axis.set(title=column["label"], xlabel="eps", ylabel=column["label"] + unit)
+    axes[0][0].legend(fontsize="x-small")
     figure.tight_layout()
     return figure
 

@@ -13,7 +13,9 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 
+import experiments
 from api.app import create_app
+from orchestrator import figures
 from orchestrator.service import Service
 from orchestrator.settings import Settings
 from workers.runner import run_row
@@ -148,3 +150,31 @@ def test_report_page_in_a_real_browser(served):
             assert page.locator("meta[http-equiv=refresh]").count() == 0  # finished: static
         finally:
             browser.close()
+
+
+def test_curves_over_eps_of_a_figure_spec(tmp_path):
+    """BCP Figure 4's first panel: one trained configuration certified at several eps (smoke
+    profile, real runs) gives a curve per method over eps."""
+    service = make_service(tmp_path)
+    spec = "bcp/figure4"
+    panel = [row for row in experiments.load_spec(spec).rows
+             if row.config.get("method") == "cap"][:2]
+    with TestClient(create_app(service)) as client:
+        response = client.post("/jobs", json={"kind": "table", "spec": spec, "profile": "smoke",
+                                              "rows": [row.id for row in panel]})
+        assert response.status_code == 202, response.text
+        job_id = response.json()["id"]
+        for index in range(len(panel)):
+            (row,) = service.store.claim_rows(OWNER, lease_seconds=600, limit=1, max_attempts=3)
+            result = run_row(row.config, tmp_path / f"work{index}")
+            assert service.store.complete_row(row.id, OWNER, result)
+        job = service.store.get_job(job_id)
+        table = service.job_table(job)
+        assert "curves_over_eps" in figures.available(job, table)
+        figure = figures.FIGURES.get("curves_over_eps")(job, table)
+        lines = [line for axis in figure.axes for line in axis.get_lines()]
+        assert lines and all(len(line.get_xdata()) == 2 for line in lines)
+        assert sorted(lines[0].get_xdata()) == sorted(row.config["eps"] for row in panel)
+        page = client.get(f"/jobs/{job_id}/report").text
+        assert 'src="figures/curves_over_eps"' in page
+    service.store.close()
