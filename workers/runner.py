@@ -20,6 +20,7 @@ from .core.bounds import PerturbationSet
 from .core.certify import certify
 from .core.config import RunConfig, resolve
 from .core.data import load_split
+from .core.diagnostics import diagnose
 from .core.models import build
 from .core.train import load_checkpoint, resolve_device, train
 from .files import write_json
@@ -40,10 +41,14 @@ def certify_model(model: nn.Module, config: RunConfig, show_progress: bool = Fal
     x, y, indices = test_subset(config)
     a = config.attack
     attack = PGD(steps=a.steps, restarts=a.restarts, step_size=a.step_size, loss=a.loss)
-    outcome = certify(model, x, y, PerturbationSet(config.norm, config.eps), config.certifiers,
-                      attack, config.certify_batch_size, config.seed, show_progress)
+    perturbation = PerturbationSet(config.norm, config.eps)
+    outcome = certify(model, x, y, perturbation, config.certifiers, attack,
+                      config.certify_batch_size, config.seed, show_progress)
+    device = next(model.parameters()).device
+    metrics = outcome.metrics() | diagnose(model, x.to(device), perturbation, config.certifiers,
+                                           config.certify_batch_size)
     return {
-        "metrics": outcome.metrics(),
+        "metrics": metrics,
         "per_example": outcome.per_example(y.tolist(), indices),
         "certify_sec": outcome.certify_sec,
         "data": {"name": config.dataset, "split": "test", "size": len(x),
