@@ -37,11 +37,8 @@ def _row_label(row: Any) -> str:
 
 
 def _history(row: Any) -> list[dict[str, Any]]:
-    result = row.result or {}
-    history = result.get("history")
-    if history:
-        return history
-    return list((row.progress or {}).get("history") or [])
+    """The per-epoch means of a finished row's result (none while it runs)."""
+    return (row.result or {}).get("history") or []
 
 
 @FIGURES.register("training_curves")

@@ -25,22 +25,22 @@ Diagnostic = Callable[[nn.Module, torch.Tensor, PerturbationSet, int], dict[str,
 DIAGNOSTICS: Registry[tuple[tuple[str, ...], Diagnostic]] = Registry("diagnostic")
 
 
-def _batched(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([fn(x[start:start + batch_size]) for start in range(0, len(x), batch_size)])
+def _chunks(x: torch.Tensor, batch_size: int):
+    return (x[start:start + batch_size] for start in range(0, len(x), batch_size))
 
 
+@torch.no_grad()
 def _tightness(model, x, perturbation, batch_size):
-    taus = [bcp_tightness(model, x[start:start + batch_size], perturbation)
-            for start in range(0, len(x), batch_size)]
+    taus = [bcp_tightness(model, xb, perturbation) for xb in _chunks(x, batch_size)]
     bcp = float(torch.cat([t for t, _ in taus]).mean())
     plain = float(torch.cat([g for _, g in taus]).mean())
     return {"bcp_mean": bcp, "global": plain, "reduction": 1 - bcp / plain if plain > 0 else 0.0}
 
 
+@torch.no_grad()
 def _lipschitz_bound(model, x, perturbation, batch_size):
-    with torch.no_grad():
-        local = _batched(lambda xb: local_bound(model, xb, perturbation), x, batch_size)
-        return {"global": float(global_bound(model, x[:1])), "local": float(local.mean())}
+    local = torch.cat([local_bound(model, xb, perturbation) for xb in _chunks(x, batch_size)])
+    return {"global": float(global_bound(model, x[:1])), "local": float(local.mean())}
 
 
 DIAGNOSTICS.add("tightness", (("bcp",), _tightness))
