@@ -145,6 +145,10 @@ def curves_over_eps(job: Any, table: dict[str, Any]) -> Figure | None:
     return figure
 
 
+# The paper-specific figures live in modules of their own; importing them registers them.
+from . import figures_bounds, figures_lipschitz  # noqa: E402,F401
+
+
 def render_all(job: Any, table: dict[str, Any]) -> dict[str, bytes]:
     """Every figure the job has something to draw for, as PNG bytes by name."""
     pngs = {name: render_png(name, job, table) for name in FIGURES.names()}

@@ -45,6 +45,7 @@ def _lipschitz_bound(model, x, perturbation, batch_size):
 
 DIAGNOSTICS.add("tightness", (("bcp",), _tightness))
 DIAGNOSTICS.add("lipschitz_bound", (("lipschitz", "local_lip"), _lipschitz_bound))
+from . import relu_activity  # noqa: E402,F401  (registers its diagnostic here)
 
 
 def diagnose(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet,
