@@ -76,6 +76,10 @@ class Column(_Strict):
                               "mean, std, median, q1/q3 (quartiles), best/worst (the run with "
                               "the highest/lowest metric value); all but single and mean need "
                               "at least two seeds per row")
+    speedup_over: str | None = Field(
+        None, description="timing columns: also show each row's speed-up over the row of its "
+                          "group with this label (BCP Table 1's 'Speed up' = CAP's time / BCP's), "
+                          "for ours and for the paper's numbers alike")
 
     @field_validator("metric")
     @classmethod
@@ -90,6 +94,9 @@ class Column(_Strict):
         if self.block == "metrics" and self.reduce is not None:
             raise ValueError(f"column {self.key!r}: reduce applies to the timing and history "
                              "blocks only (metrics are single numbers)")
+        if self.speedup_over is not None and self.block != "timing":
+            raise ValueError(f"column {self.key!r}: speedup_over applies to timing columns only "
+                             "(a ratio of times)")
         return self
 
 
@@ -205,6 +212,11 @@ class TableSpec(_Strict):
             if unknown:
                 raise ValueError(f"row {row.id!r}: reported values for unknown columns "
                                  f"{unknown}; columns: {', '.join(keys)}")
+        labels = {r.label for r in self.rows}
+        for column in self.columns:
+            if column.speedup_over is not None and column.speedup_over not in labels:
+                raise ValueError(f"column {column.key!r}: speedup_over {column.speedup_over!r} "
+                                 f"is no row's label; labels: {', '.join(sorted(labels))}")
         multi = [c.key for c in self.columns if c.aggregate in MULTI_RUN_AGGREGATES]
         if multi:
             for row in self.rows:

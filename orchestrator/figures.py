@@ -140,7 +140,10 @@ def curves_over_eps(job: Any, table: dict[str, Any]) -> Figure | None:
                 axis.plot(*zip(*series), marker="o", label=name)
         unit = f" ({column['unit']})" if column.get("unit") else ""
         axis.set(title=column["label"], xlabel="eps", ylabel=column["label"] + unit)
-    axes[0][0].legend(fontsize="x-small")
+    for axis in axes[0]:
+        if axis.get_legend_handles_labels()[0]:  # a panel may have no column values yet
+            axis.legend(fontsize="x-small")
+            break
     figure.tight_layout()
     return figure
 

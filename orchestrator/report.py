@@ -10,7 +10,7 @@ import html
 from typing import Any
 from urllib.parse import urlencode
 
-from .tables import EMPTY, QUICK_NOTE, ours_text
+from .tables import EMPTY, QUICK_NOTE, devices_text, ours_text, times_text
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 STYLE = """
@@ -53,13 +53,17 @@ def _rows_section(job: Any) -> list[str]:
 def _table_section(table: dict[str, Any]) -> list[str]:
     """Per column: ours, the paper's, the difference and the verdict, as separate cells."""
     columns = table.get("columns", [])
+    sped = [c for c in columns if c.get("speedup_over")]
     out = ["<h2>Table</h2>", f"<p>{_e(table.get('caption'))}</p>",
            f"<p class=\"muted\">{_e(table.get('note') or QUICK_NOTE)}</p>",
+           f"<p id=\"devices\">{_e(devices_text(table))}</p>" if devices_text(table) else "",
            "<table id=\"results\">", "<tr><th rowspan=\"2\">row</th><th rowspan=\"2\">status</th>"
            + "".join(f"<th colspan=\"4\">{_e(c['label'])}{_e(' (' + c['unit'] + ')' if c['unit'] else '')}</th>"
-                     for c in columns) + "</tr>",
+                     for c in columns)
+           + "".join(f"<th colspan=\"2\">speed-up over {_e(c['speedup_over'])}</th>" for c in sped)
+           + "</tr>",
            "<tr>" + "<th>ours</th><th>paper</th><th>diff</th><th>verdict</th>" * len(columns)
-           + "</tr>"]
+           + "<th>ours</th><th>paper</th>" * len(sped) + "</tr>"]
     for row in table.get("rows", []):
         cells = [f"<td>{_e(row['label'])}</td>", f"<td class=\"status\">{_e(row['status'])}</td>"]
         for column in columns:
@@ -76,6 +80,10 @@ def _table_section(table: dict[str, Any]) -> list[str]:
                       f"<td class=\"num paper\"{title}>{_e(paper)}</td>",
                       f"<td class=\"num\">{_e(diff)}</td>",
                       f"<td class=\"{_e(verdict.replace(' ', '-'))}\">{_e(verdict)}</td>"]
+        for column in sped:
+            cell = row["cells"][column["key"]]
+            cells += [f"<td class=\"num\">{_e(times_text(cell.get('speedup')))}</td>",
+                      f"<td class=\"num paper\">{_e(times_text(cell.get('speedup_reported')))}</td>"]
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
     return out

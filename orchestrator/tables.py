@@ -85,8 +85,12 @@ def assemble(spec: TableSpec, outcomes: list[RowOutcome], profile: str) -> dict[
             "seed_status": {str(o.seed): o.status for o in row_outcomes},
             "errors": [{"seed": o.seed, "error": o.error} for o in row_outcomes if o.error],
             "note": row.note,
+            "devices": _devices(succeeded),
             "cells": cells,
         })
+    for column in spec.columns:
+        if column.speedup_over is not None:
+            _add_speedups(rows, column.key, column.speedup_over)
     return {
         "spec": spec.name,
         "paper": spec.paper.model_dump(),
@@ -97,11 +101,33 @@ def assemble(spec: TableSpec, outcomes: list[RowOutcome], profile: str) -> dict[
                  else SMOKE_NOTE if profile == "smoke" else QUICK_NOTE),
         "tolerance": spec.tolerance,
         "columns": [{"key": c.key, "label": c.label, "metric": c.metric, "transform": c.transform,
-                     "unit": _unit(c), "tolerance": spec.column_tolerance(c), "note": c.note}
+                     "unit": _unit(c), "tolerance": spec.column_tolerance(c), "note": c.note,
+                     "speedup_over": c.speedup_over}
                     for c in spec.columns],
+        "devices": _devices([o for o in outcomes if o.status == "succeeded"]),
         "rows": rows,
         "unmatched_rows": sorted(set(by_row) - known),
     }
+
+
+def _devices(outcomes: list[RowOutcome]) -> list[str]:
+    """The devices the runs trained on (a result's `device`), for timing tables above all: times
+    compare only on the same device."""
+    return sorted({str(o.result["device"]) for o in outcomes
+                   if o.result and o.result.get("device")})
+
+
+def _add_speedups(rows: list[dict[str, Any]], key: str, baseline: str) -> None:
+    """Each cell of column `key` gets `speedup` and `speedup_reported`: the time of its group's
+    row labelled `baseline` over its own (ours and the paper's; None where a time is missing)."""
+    for row in rows:
+        base = next((r for r in rows if r["group"] == row["group"] and r["label"] == baseline),
+                    None)
+        cell = row["cells"][key]
+        for side, out in (("reproduced", "speedup"), ("reported", "speedup_reported")):
+            slow = base["cells"][key][side] if base is not None else None
+            fast = cell[side]
+            cell[out] = _round(slow / fast) if slow is not None and fast else None
 
 
 def _row_status(statuses: list[str]) -> str:
@@ -275,10 +301,42 @@ def cell_text(cell: dict[str, Any], column: dict[str, Any], dash: str = EMPTY,
     return f"{ours} ({paper}, {_signed(cell['diff'], column)}){mark}"
 
 
+def devices_text(table: dict[str, Any]) -> str:
+    """'Ran on: ...' when the runs say their device, else ''."""
+    devices = table.get("devices") or []
+    return f"Ran on: {'; '.join(devices)}." if devices else ""
+
+
+def times_text(value: float | None) -> str:
+    """A speed-up as 'x12.0'; a dash when there is none."""
+    return EMPTY if value is None else f"x{value:.1f}"
+
+
+def speedup_text(cell: dict[str, Any]) -> str:
+    """'x12.0 (x11.9)': our speed-up and, in brackets, the paper's (a dash when it has none)."""
+    return f"{times_text(cell.get('speedup'))} ({times_text(cell.get('speedup_reported'))})"
+
+
+def _column_header(column: dict[str, Any]) -> str:
+    return column["label"] + (f" ({column['unit']})" if column["unit"] else "")
+
+
+def display_columns(table: dict[str, Any]) -> list[tuple[str, dict[str, Any], Any]]:
+    """(header, column, text of a cell) for each displayed column: each spec column, and after a
+    timing column with `speedup_over` its speed-up column."""
+    out = []
+    for column in table["columns"]:
+        out.append((_column_header(column), column, lambda cell, c=column: cell_text(cell, c)))
+        if column.get("speedup_over"):
+            out.append((f"Speed-up over {column['speedup_over']}", column, speedup_text))
+    return out
+
+
 def _header_lines(table: dict[str, Any]) -> list[str]:
     paper = table.get("paper") or {}
     title = f"{table['spec']}" + (f" ({paper.get('short')})" if paper.get("short") else "")
-    lines = [title, table["caption"], table["note"]]
+    note = " ".join(part for part in (table["note"], devices_text(table)) if part)
+    lines = [title, table["caption"], note]
     lines.append("Cells: ours (paper, ours - paper); ours is the mean over seeds (\u00b1 std when "
                  f"more than one); {EMPTY} = no number in the paper"
                  + ("; * = off by more than the tolerance." if table["comparable"] else "."))
@@ -293,16 +351,15 @@ def _legend_notes(table: dict[str, Any]) -> list[str]:
 
 
 def _markdown(table: dict[str, Any]) -> str:
-    columns = table["columns"]
     head = _header_lines(table)
     out = [f"**{_md(head[0])}**: {_md(head[1])}", "", f"_{_md(head[2])}_", "", _md(head[3]), ""]
-    header = ["Group", "Row", "Status"] + [c["label"] + (f" ({c['unit']})" if c["unit"] else "")
-                                          for c in columns]
+    shown = display_columns(table)
+    header = ["Group", "Row", "Status"] + [h for h, _, _ in shown]
     out.append("| " + " | ".join(_md(h) for h in header) + " |")
     out.append("|" + "---|" * len(header))
     for row in table["rows"]:
         cells = [row["group"], row["label"], _status(row["status"])]
-        cells += [cell_text(row["cells"][c["key"]], c) for c in columns]
+        cells += [text(row["cells"][c["key"]]) for _, c, text in shown]
         out.append("| " + " | ".join(_md(c) for c in cells) + " |")
     errors = [f"- {_md(line)}" for line in _legend_notes(table)]
     if errors:
@@ -325,14 +382,18 @@ def _csv(table: dict[str, Any]) -> str:
     header = ["spec", "profile", "group", "row_id", "label", "status"]
     for c in columns:
         header += [f"{c['key']}_{part}" for part in ("ours", "std", "n", "paper", "diff", "verdict")]
-    writer.writerow(header)
+        if c.get("speedup_over"):
+            header += [f"{c['key']}_speedup_ours", f"{c['key']}_speedup_paper"]
+    writer.writerow(header + ["devices"])
     for row in table["rows"]:
         line = [table["spec"], table["profile"], row["group"], row["id"], row["label"], row["status"]]
         for c in columns:
             cell = row["cells"][c["key"]]
             line += [_plain(cell["reproduced"]), _plain(cell["std"]), cell["n"],
                      _plain(cell["reported"]), _plain(cell["diff"]), cell["verdict"]]
-        writer.writerow(line)
+            if c.get("speedup_over"):
+                line += [_plain(cell.get("speedup")), _plain(cell.get("speedup_reported"))]
+        writer.writerow(line + ["; ".join(row.get("devices") or [])])
     return buffer.getvalue()
 
 
@@ -351,19 +412,18 @@ def latex_escape(text: str) -> str:
 
 
 def _latex(table: dict[str, Any]) -> str:
-    columns = table["columns"]
+    shown = display_columns(table)
     head = _header_lines(table)
     out = [f"% {line}" for line in (latex_escape(h) for h in head)]
     out += [r"\begin{table}[t]", r"\centering", r"\small",
             r"\caption{" + latex_escape(f"{head[0]}: {head[1]} {head[2]}") + "}",
-            r"\begin{tabular}{lll" + "r" * len(columns) + "}", r"\hline"]
-    header = ["Group", "Row", "Status"] + [c["label"] + (f" ({c['unit']})" if c["unit"] else "")
-                                          for c in columns]
+            r"\begin{tabular}{lll" + "r" * len(shown) + "}", r"\hline"]
+    header = ["Group", "Row", "Status"] + [h for h, _, _ in shown]
     out.append(" & ".join(latex_escape(h) for h in header) + r" \\")
     out.append(r"\hline")
     for row in table["rows"]:
         cells = [row["group"], row["label"], _status(row["status"])]
-        cells += [cell_text(row["cells"][c["key"]], c) for c in columns]
+        cells += [text(row["cells"][c["key"]]) for _, c, text in shown]
         out.append(" & ".join(latex_escape(c) for c in cells) + r" \\")
     out += [r"\hline", r"\end{tabular}", r"\end{table}"]
     return "\n".join(out) + "\n"
@@ -371,7 +431,6 @@ def _latex(table: dict[str, Any]) -> str:
 
 def _html(table: dict[str, Any]) -> str:
     e = html.escape
-    columns = table["columns"]
     head = _header_lines(table)
     out = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
            f"<title>{e(head[0])}</title>",
@@ -379,18 +438,18 @@ def _html(table: dict[str, Any]) -> str:
            "td.num{text-align:right}.off{color:#b00}.note{font-style:italic}</style>",
            "</head>", "<body>", f"<h1>{e(head[0])}</h1>", f"<p>{e(head[1])}</p>",
            f'<p class="note">{e(head[2])}</p>', f"<p>{e(head[3])}</p>", "<table>", "<thead>"]
-    header = ["Group", "Row", "Status"] + [c["label"] + (f" ({c['unit']})" if c["unit"] else "")
-                                          for c in columns]
+    shown = display_columns(table)
+    header = ["Group", "Row", "Status"] + [h for h, _, _ in shown]
     out.append("<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
     out += ["</thead>", "<tbody>"]
     for row in table["rows"]:
         cells = [f"<td>{e(row['group'])}</td>", f"<td>{e(row['label'])}</td>",
                  f"<td>{e(_status(row['status']))}</td>"]
-        for c in columns:
+        for _, c, text in shown:
             cell = row["cells"][c["key"]]
             css = "num off" if cell["verdict"] == "off" else "num"
             cells.append(f'<td class="{css}" title="{e(cell["verdict"])}">'
-                         f"{e(cell_text(cell, c))}</td>")
+                         f"{e(text(cell))}</td>")
         out.append("<tr>" + "".join(cells) + "</tr>")
     out += ["</tbody>", "</table>"]
     notes = _legend_notes(table)

@@ -5,10 +5,12 @@ import csv
 import io
 import json
 from html.parser import HTMLParser
+from types import SimpleNamespace
 
 import pytest
 
 from experiments import TableSpec, load_spec
+from orchestrator.report import report_html
 from orchestrator.tables import FORMATS, RowOutcome, assemble, metric_value, render
 
 
@@ -321,3 +323,52 @@ def test_aggregates_over_seeds_and_per_epoch_blocks():
     assert value["last_loss"] == pytest.approx(0.8)  # last epoch: 1.0 .. 0.6, mean 0.8
     assert cells["err_median"]["verdict"] == "off" and cells["err_median"]["diff"] == 10.0
     assert cells["err_median"]["std"] is None  # a statistic of its own, no spread beside it
+
+
+def test_timing_table_speedups_and_devices():
+    """BCP Table 1 as the paper prints it: the speed-up of BCP over CAP in each group, ours from
+    hand-made timings and the paper's from its own cells (its x12.0, x12.2, x24.2), with the
+    device the runs ran on in every format."""
+    spec = load_spec("bcp/table1")
+    seconds = {"cap": 100.0, "bcp": 8.0}
+    outcomes = []
+    for row in spec.rows:
+        method = row.config["method"]
+        result = {"timing": {"sec_per_epoch": [seconds[method] - 1, seconds[method] + 1]},
+                  "device": "NVIDIA H200"}
+        outcomes.append(RowOutcome(row.id, 0, "succeeded", metrics(0.9), None, result))
+    table = assemble(spec, outcomes, "paper")
+    cells = {row["id"]: row["cells"]["sec_per_epoch"] for row in table["rows"]}
+    assert cells["mnist-4c3f-bcp"]["speedup"] == pytest.approx(12.5)
+    assert cells["mnist-4c3f-cap"]["speedup"] == pytest.approx(1.0)
+    paper = {key: cell["speedup_reported"] for key, cell in cells.items()}
+    assert round(paper["mnist-4c3f-bcp"], 1) == 12.0
+    assert round(paper["cifar10-4c3f-bcp"], 1) == 12.2
+    assert round(paper["cifar10-6c2f-bcp"], 1) == 24.2
+    assert paper["tinyimagenet-8c2f-bcp"] is None  # the paper has no CAP time there
+    assert table["devices"] == ["NVIDIA H200"]
+    assert "Speed-up over CAP" in render(table, "md")
+    assert "x12.5 (x12.0)" in render(table, "md")
+    assert "Ran on: NVIDIA H200." in render(table, "md")
+    assert "Ran on: NVIDIA H200." in render(table, "latex") and "x12.5 (x12.0)" in render(table, "html")
+    rows = list(csv.DictReader(io.StringIO(render(table, "csv"))))
+    bcp = next(r for r in rows if r["row_id"] == "mnist-4c3f-bcp")
+    job = SimpleNamespace(id="j1", spec="bcp/table1", profile="paper", kind="table",
+                          status="succeeded", created_at="t0", updated_at="t1", error=None, rows=[])
+    page = report_html(job, table, [])
+    assert '<p id="devices">Ran on: NVIDIA H200.</p>' in page
+    assert "speed-up over CAP" in page and ">x12.5</td>" in page and ">x12.0</td>" in page
+    assert float(bcp["sec_per_epoch_speedup_ours"]) == pytest.approx(12.5)
+    assert bcp["devices"] == "NVIDIA H200"
+
+
+def test_speedup_over_must_name_a_row_of_a_timing_column():
+    base = aggregate_spec().model_dump()
+    timing = next(c for c in base["columns"] if c["key"] == "sec")
+    timing["speedup_over"] = "no such row"
+    with pytest.raises(ValueError, match="speedup_over 'no such row' is no row's label"):
+        TableSpec.model_validate(base)
+    timing["speedup_over"] = None
+    next(c for c in base["columns"] if c["key"] == "err_mean")["speedup_over"] = "row"
+    with pytest.raises(ValueError, match="speedup_over applies to timing columns only"):
+        TableSpec.model_validate(base)
