@@ -20,7 +20,7 @@ from .core.bounds import PerturbationSet
 from .core.certify import certify
 from .core.config import RunConfig, resolve
 from .core.data import load_split
-from .core.diagnostics import diagnose
+from .core.diagnostics import measure
 from .core.models import build
 from .core.train import load_checkpoint, resolve_device, train
 from .files import write_json
@@ -37,7 +37,8 @@ def test_subset(config: RunConfig) -> tuple[torch.Tensor, torch.Tensor, list[int
 
 
 def certify_model(model: nn.Module, config: RunConfig, show_progress: bool = False) -> dict[str, Any]:
-    """metrics, per_example and certify timings for `model` under the config's test settings."""
+    """metrics, per_example, certify timings and the diagnostics' figure data for `model` under
+    the config's test settings."""
     x, y, indices = test_subset(config)
     a = config.attack
     attack = PGD(steps=a.steps, restarts=a.restarts, step_size=a.step_size, loss=a.loss)
@@ -45,10 +46,12 @@ def certify_model(model: nn.Module, config: RunConfig, show_progress: bool = Fal
     outcome = certify(model, x, y, perturbation, config.certifiers, attack,
                       config.certify_batch_size, config.seed, show_progress)
     device = next(model.parameters()).device
-    metrics = outcome.metrics() | diagnose(model, x.to(device), perturbation, config.certifiers,
-                                           config.certify_batch_size)
+    diagnosis = measure(model, x.to(device), perturbation, config.certifiers,
+                        config.certify_batch_size, labels=y)
     return {
-        "metrics": metrics,
+        "metrics": outcome.metrics() | diagnosis.metrics,
+        # Small blocks the figures draw (the job store keeps them; per_example stays in files).
+        "figure_data": diagnosis.figure_data,
         "per_example": outcome.per_example(y.tolist(), indices),
         "certify_sec": outcome.certify_sec,
         "data": {"name": config.dataset, "split": "test", "size": len(x),
@@ -88,6 +91,7 @@ def run_row(config: RunConfig | dict[str, Any], workdir: str | os.PathLike,
         "config": config.model_dump(),
         "metrics": metrics,
         "per_example": certified["per_example"],
+        "figure_data": certified["figure_data"],
         "data": certified["data"] | {"train_size": len(x)},
         "timing": {"sec_per_epoch": trained.sec_per_epoch, "train_sec": train_sec,
                    "certify_sec": certified["certify_sec"]},
@@ -119,6 +123,7 @@ def certify_checkpoint(path: str | os.PathLike, overrides: dict[str, Any],
         "config": config.model_dump(),
         "metrics": certified["metrics"],
         "per_example": certified["per_example"],
+        "figure_data": certified["figure_data"],
         "data": certified["data"],
         "timing": {"sec_per_epoch": state.get("sec_per_epoch", []),
                    "certify_sec": certified["certify_sec"]},
