@@ -6,7 +6,10 @@ import matplotlib.colors as mcolors
 from matplotlib.collections import LineCollection, PolyCollection
 from matplotlib.patches import Polygon, Rectangle
 
+from experiments import load_spec, row_configs
 from orchestrator import figures
+from orchestrator.tables import RowOutcome, assemble
+from workers.runner import run_row
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -90,3 +93,19 @@ def test_both_figures_are_none_without_data():
         assert name not in figures.available(empty, table())
     both = job(row("toy", polytope_result()), row("bcp", tightness_result([0.1, 0.2], 0.5)))
     assert {"polytope_and_box", "tightness_violin"} <= set(figures.available(both, table()))
+
+
+def test_a_real_ibp_figure4_row_fills_its_columns_and_draws(tmp_path):
+    """The spec's step200 row cut to 5 steps: run, assembled into the table, drawn."""
+    spec = load_spec("ibp/figure4")
+    ((row_id, seed, config),) = row_configs(spec, "paper", rows=["step200"])
+    result = run_row(dict(config, epochs=5, attack={"steps": 3, "restarts": 1}), tmp_path)
+    table = assemble(spec, [RowOutcome(row_id, seed, "succeeded", result["metrics"],
+                                       result=result)], "paper")
+    cells = table["rows"][0]["cells"]
+    for key in ("polytope_area", "ibp_area", "fill", "verified_ibp"):
+        assert cells[key]["reproduced"] is not None, key
+    assert cells["polytope_area"]["reproduced"] <= cells["ibp_area"]["reproduced"]
+    figure = figures.FIGURES.get("polytope_and_box")(job(row(row_id, result, seed)), table)
+    assert figure.axes[0].get_title() == "(b) Training step 200 (seed 0)"
+    assert figures.render_png("polytope_and_box", job(row(row_id, result, seed)), table)[:8] == PNG
