@@ -194,7 +194,10 @@ def saved_for_backward(row: Row, x: torch.Tensor, y: torch.Tensor, state: StepSt
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        # Detached: a saved output returned as-is would hold its own grad_fn, a cycle through
+        # C++ that Python's gc cannot see, and the whole graph would outlive the loss (it did:
+        # the last CAP graph, GBs on CUDA, inflated every later model's "peak MiB").
+        return tensor.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss, _ = row.method.loss(row.model, x, y, row_state(row, x, state))
