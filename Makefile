@@ -35,7 +35,8 @@ WORKERS ?= 1
 COMPOSE_FILES := -f docker-compose.yml $(if $(CPU),-f docker-compose.cpu.yml)
 
 cluster-up: .env
-	$(COMPOSE) $(COMPOSE_FILES) up -d --build --scale ray-worker=$(WORKERS)
+	GIT_COMMIT=$$(git rev-parse HEAD 2>/dev/null || echo unknown) \
+	  $(COMPOSE) $(COMPOSE_FILES) up -d --build --scale ray-worker=$(WORKERS)
 	$(COMPOSE) $(COMPOSE_FILES) ps
 
 cluster-down:

@@ -4,6 +4,7 @@ default, or the server MLFLOW_TRACKING_URI names), Ray and the dispatcher. The A
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -23,6 +24,10 @@ MLFLOW_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILL
 
 
 def git_commit() -> str:
+    """The commit this code is: CERTREPRO_GIT_COMMIT (an image has no .git: its build sets it),
+    else git's HEAD, else "unknown"."""
+    if os.environ.get("CERTREPRO_GIT_COMMIT"):
+        return os.environ["CERTREPRO_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=5, cwd=Path(__file__).parent).stdout.strip() or "unknown"
@@ -132,7 +137,7 @@ class Service:
         if self.mlflow_uri is None:
             self.mlflow_uri = self._start_mlflow_server()
         from .tracking import MLflowTracker
-        self.tracker = MLflowTracker(self.mlflow_uri)
+        self.tracker = MLflowTracker(self.mlflow_uri, self.settings.mlflow_public_url)
         self.tracking = Tracking(self.tracker, self.store)
         if self.with_dispatcher:
             from .dispatcher import Dispatcher
@@ -187,7 +192,8 @@ class Service:
                 "store": {"ok": store_ok, "dialect": self.store.dialect},
                 "ray": {"ok": ray_ok, **ray_state},
                 "mlflow": {"ok": mlflow_ok},
-                "mlflow_tracking_uri": self.mlflow_uri}
+                "mlflow_tracking_uri": self.mlflow_uri,
+                "mlflow_ui": self.tracker.ui_base if self.tracker is not None else None}
 
 
 def _safe(check) -> bool:

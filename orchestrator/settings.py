@@ -34,6 +34,9 @@ class Settings:
     # Ray re-runs a row whose node or worker process died (not one whose code raised) this many
     # times, on any node, from the row's last checkpoint; the dispatcher's attempts come after
     node_retries: int = 3
+    # where a browser reaches the MLflow UI, when the tracking URI is an address inside a cluster
+    # (http://mlflow:5000 in docker-compose); None: the tracking URI itself
+    mlflow_public_url: str | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -44,6 +47,7 @@ class Settings:
             db_url=os.environ.get("CERTREPRO_DB_URL") or f"sqlite:///{home / 'jobs.db'}",
             mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or None,
             mlflow_port=int(_env_float("CERTREPRO_MLFLOW_PORT", 5000)),
+            mlflow_public_url=os.environ.get("CERTREPRO_MLFLOW_PUBLIC_URL") or None,
             ray_address=os.environ.get("RAY_ADDRESS") or None,
             api_key=os.environ.get("CERTREPRO_API_KEY") or None,
             runs_dir=Path(os.environ.get("CERTREPRO_RUNS_DIR") or home / "runs").resolve(),

@@ -137,8 +137,9 @@ class _ClientHolder:
 class MLflowTracker(_ClientHolder):
     """Experiments, job runs and row runs of the service on one MLflow tracking server."""
 
-    def __init__(self, tracking_uri: str):
+    def __init__(self, tracking_uri: str, public_url: str | None = None):
         self.tracking_uri = str(tracking_uri)
+        self.public_url = public_url
         self._client = None
         self._experiments: dict[str, str] = {}
 
@@ -316,8 +317,9 @@ class MLflowTracker(_ClientHolder):
 
     @property
     def ui_base(self) -> str:
-        """The MLflow UI's address: the tracking URI when it is http(s) (credentials removed)."""
-        parts = urlsplit(self.tracking_uri)
+        """The MLflow UI's address: the public URL when one is set, else the tracking URI when it
+        is http(s) (credentials removed)."""
+        parts = urlsplit(self.public_url or self.tracking_uri)
         if parts.scheme not in ("http", "https"):
             return ""
         netloc = parts.netloc.rsplit("@", 1)[-1]

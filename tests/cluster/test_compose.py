@@ -19,6 +19,7 @@ from sqlalchemy.engine import make_url
 
 from orchestrator.db import normalize_url
 from orchestrator.settings import Settings
+from orchestrator.tracking import MLflowTracker
 
 from .compose import (COMPOSE, CPU_OVERRIDE, ENV_EXAMPLE, MULTIHOST_OVERRIDE, REPO, environment,
                       interpolate, load, merge, option, read_env_file)
@@ -162,6 +163,11 @@ def test_the_settings_the_code_reads_are_set_and_consistent(services, env, monke
     allowed = option(services["mlflow"]["command"], "--allowed-hosts").split(",")
     assert is_allowed_host_header(allowed, tracking.netloc)
     assert is_allowed_host_header(allowed, "localhost:5000")  # the published port, in a browser
+    # the links the API hands out point at that published port, not at the in-cluster name
+    public = urlsplit(settings.mlflow_public_url)
+    assert public.hostname == "localhost" and public.port == int(env["MLFLOW_PUBLISHED_PORT"])
+    assert MLflowTracker(settings.mlflow_tracking_uri, settings.mlflow_public_url).ui_base == \
+        settings.mlflow_public_url
     assert not is_allowed_host_header(allowed, "evil.example:5000")
     assert "--serve-artifacts" in services["mlflow"]["command"]
     artifacts = option(services["mlflow"]["command"], "--artifacts-destination")
@@ -255,6 +261,11 @@ def test_images_are_built_from_files_that_exist(services):
     assert requirements["mlflow"].specifier.contains(ray_args["MLFLOW_VERSION"])
     assert mlflow_args["MLFLOW_VERSION"] == ray_args["MLFLOW_VERSION"]  # client = server
     assert mlflow_args["PYTHON_VERSION"] == ray_args["PYTHON_VERSION"]
+    # the image knows its commit (no .git inside): a build arg the compose file passes on
+    assert "GIT_COMMIT" in ray_args
+    assert "CERTREPRO_GIT_COMMIT=${GIT_COMMIT}" in (REPO / "docker" / "Dockerfile").read_text()
+    for name in RAY_IMAGE_SERVICES:
+        assert services[name]["build"]["args"]["GIT_COMMIT"] == "unknown"  # make sets the real one
 
 
 def test_the_commands_name_roles_the_entrypoint_has(services):

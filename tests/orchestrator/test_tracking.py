@@ -195,6 +195,18 @@ def test_run_link(tracker):
     assert link.endswith(f"/runs/{run_id}")
     assert MLflowTracker("sqlite:///x.db").ui_base == ""
     assert MLflowTracker("http://u:p@host:5000/").ui_base == "http://host:5000"
+    # in a cluster the tracking URI is an inside name; links go to the published address
+    public = MLflowTracker(tracker.tracking_uri, "https://mlflow.example.org/")
+    assert public.run_link(run_id).startswith("https://mlflow.example.org/#/experiments/")
+
+
+def test_git_commit_from_the_environment_first(monkeypatch):
+    from orchestrator.service import git_commit
+
+    monkeypatch.delenv("CERTREPRO_GIT_COMMIT", raising=False)
+    assert len(git_commit()) == 40 or git_commit() == "unknown"  # this checkout's HEAD, or none
+    monkeypatch.setenv("CERTREPRO_GIT_COMMIT", "0123abc")  # what an image's build sets
+    assert git_commit() == "0123abc"
 
 
 def test_server_stop_leaves_no_process(tmp_path):
