@@ -10,7 +10,7 @@ from workers.core.bounds import PerturbationSet
 from workers.core.certify import certify
 from workers.core.config import RunConfig, resolve
 from workers.core.data import dataset_info, load_split
-from workers.core.lipschitz import IterateStore, bcp_tightness, network_of
+from workers.core.lipschitz import IterateStore, bcp_tightness, global_bound, network_of
 from workers.core.models import build_model
 from workers.core.train import load_checkpoint, train
 
@@ -73,7 +73,9 @@ def test_resume_restores_the_iterate_vectors_exactly(tmp_path, method):
     if method == "local_lip_b":
         store = state["store"]
         assert set(store) == {"0", "1", "2"}
-        assert all(t.dtype == torch.float16 and t.shape[0] == 160 for t in store.values())
+        # a row per example seen (the table grows geometrically, so it may hold spare rows)
+        assert all(t.dtype == torch.float16 and t.shape[0] >= 160
+                   and t[:160].abs().sum(1).gt(0).all() for t in store.values())
     else:
         assert set(state["power"]) == {"0", "1", "2"}  # one u per layer
     resumed = train(cfg, x, y, killed)
@@ -136,3 +138,46 @@ def test_memory_mapped_store_writes_through_and_grows(tmp_path):
     restored = IterateStore(directory=tmp_path / "v")
     restored.load_state_dict(store.state_dict())
     assert torch.equal(restored.get(1, torch.tensor([7]), (8,)), store.get(1, torch.tensor([7]), (8,)))
+
+
+@pytest.mark.parametrize("method", ["bcp", "local_lip_b"])
+def test_both_bounds_and_the_varying_shares_are_recorded(method):
+    """Local-Lip Figure 2: the global and the average local bound during BCP and Local-Lip-B
+    training; Figure 6: the varying share of each layer."""
+    cfg = config(method, epochs=1, train_limit=128, batch_size=32,
+                 schedule={"warmup_epochs": 0, "rampup_epochs": 1})
+    x, y = load_split("digits", "train")
+    last = train(cfg, x[:128], y[:128]).history[-1]
+    assert 0 < last["local_lipschitz"] <= last["lipschitz"]  # Local-Lip Theorem 1
+    layers = [last["varying_fraction.layer1"], last["varying_fraction.layer2"]]
+    assert "varying_fraction.layer3" not in last  # mlp2x100: two hidden layers
+    assert all(0 < share <= 1 for share in layers)
+    assert last["varying_fraction"] == pytest.approx(sum(layers) / 2, rel=1e-6)
+    assert last["fit_loss"] > 0 and last["robust_loss"] > 0
+
+
+@pytest.mark.parametrize("method", ["bcp", "local_lip_b", "local_lip_g"])
+@pytest.mark.parametrize("t", [0.5, 1.0, 2.5, 4.0])  # warm-up, the ramp's first step, ramp, after
+def test_every_step_records_every_curve(method, t):
+    """The trainer divides each statistic's sum by the epoch's steps: a statistic missing from a
+    step would bias its epoch mean, so each step of these methods records them all."""
+    from workers.core.methods import METHODS, StepState
+    cfg = config(method, epochs=4, schedule={"warmup_epochs": 1, "rampup_epochs": 2})
+    method_obj = METHODS.get(method)(cfg)
+    model = build_model("mlp2x100", dataset_info("digits")).train()
+    x, y = load_split("digits", "train")
+    eps = 0.0 if t <= 1 else EPS
+    state = StepState(t, eps, PerturbationSet("l2", eps), torch.Generator().manual_seed(0),
+                      torch.arange(16))
+    loss, stats = method_obj.loss(model, x[:16], y[:16], state)
+    curves = {"lipschitz", "local_lipschitz", "varying_fraction", "varying_fraction.layer1",
+              "varying_fraction.layer2", "fit_loss", "loss"}
+    if t >= 1:  # from the end of the warm-up on
+        curves |= {"robust_loss", "train_verified"}
+    assert curves <= set(stats)
+    # both are power-iteration estimates (from below) of bounds at most the certified global one
+    # (on a fresh model the global estimate is not converged yet: no order between the two)
+    certified = float(global_bound(model, x[:1]))
+    assert 0 < float(stats["local_lipschitz"]) <= certified
+    assert 0 < float(stats["lipschitz"]) <= certified
+    loss.backward()  # a differentiable loss at every stage, the ramp's first step included

@@ -1,6 +1,6 @@
-"""The layer norms `propagate` asks for, four ways: global or local (Local-Lip Eq. 6, the
-reduced operator I_out W I_in of each example), estimated for training or bounded for
-certificates.
+"""The layer norms `propagate` asks for: global or local (Local-Lip Eq. 6, the reduced operator
+I_out W I_in of each example), estimated for training or bounded for certificates, and local ones
+estimated from the global iterates (to record the local bound during global-bound training).
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from torch import nn
 
 from .network import Affine, Network
 from .store import IterateStore
-from .power import (CertifySettings, GlobalPower, certified_norms, power_iterate, reduced_apply,
-                    reduced_apply_t)
+from .power import (CertifySettings, GlobalPower, certified_norms, power_iterate, random_start,
+                    reduced_apply, reduced_apply_t, sigma)
 
 
 class TrainingGlobalNorms:
@@ -96,6 +96,31 @@ class TrainingLocalNorms:
         if self.init == "saved" and self.index is not None:
             self.store.put(layer, self.index, back.detach())  # the next u, up to its length
         return norm
+
+
+class SharedStartLocalNorms:
+    """Per-example norms of the reduced operators, estimated without gradients from one start
+    every example shares: the layer's global iterate vector (its top right singular vector once
+    the global power iteration has converged), so no per-example store is needed. For recording
+    the local bound beside a training that uses the global one (Local-Lip Figure 2: "the average
+    local Lipschitz bound (computed by our method) during BCP training"). Like every power
+    estimate, each value is at most the reduced operator's norm."""
+
+    def __init__(self, power: GlobalPower, iterations: int, generator: torch.Generator | None):
+        self.power, self.iterations, self.generator = power, iterations, generator
+
+    @torch.no_grad()
+    def __call__(self, layer, affine: Affine, in_mask, out_mask) -> torch.Tensor:
+        batch = _batch(in_mask, out_mask)
+        weight = affine.weight
+        start = self.power.u.get(layer)
+        if start is None or start.shape[1:] != affine.in_shape:
+            start = random_start((1, *affine.in_shape), self.generator, weight)
+        # the constant component keeps the start off the null space of an example's mask
+        u = start.to(weight.device, weight.dtype).expand(batch, *affine.in_shape) \
+            + 1e-2 / affine.in_numel ** 0.5
+        u, _ = power_iterate(affine, u, self.iterations, in_mask, out_mask)
+        return sigma(affine, u, in_mask, out_mask)
 
 
 class CertifiedLocalNorms:

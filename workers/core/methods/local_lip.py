@@ -8,7 +8,10 @@ each affine layer's norm is that of its reduced operator I_out W I_in for each e
 `power_iterations` power steps started from the example's saved iterate vector (`init="saved"`,
 kept in host memory in float16 between epochs) or from a random one (`init="random"`; Table 1
 compares the two). The ball's radius at layer l is eps times the product of these per-example
-norms (Eq. 6). The sparsity loss (Eq. 12, 26) pushes pre-activation boxes into the constant
+norms (Eq. 6). A step records the average local bound, the global one (from the shared
+global iterates, without gradients), and the share of varying outputs per layer
+(`varying_fraction.layer{i}`, Local-Lip Figure 6) and over the layers (`varying_fraction`). The
+sparsity loss (Eq. 12, 26) pushes pre-activation boxes into the constant
 regions: lambda_sparse * mean over neurons of max(0, UB) + lambda_theta max(0, theta - LB) (for
 MaxMin: max(0, UB_min - b) + lambda_theta max(0, a - LB_max)); the paper's Table 3 uses 0 on
 MNIST and CIFAR-10 and 0.01 / 0.1 on Tiny ImageNet. The models with ReLU_theta or MaxMin
@@ -25,7 +28,7 @@ from pydantic import Field
 from ..activations import ACTIVATION_RULES
 from ..lipschitz import IterateStore, TrainingLocalNorms, local_outer, margin_lower
 from .base import METHODS
-from .bcp import LipschitzOptions, LipschitzTraining
+from .bcp import LipschitzOptions, LipschitzTraining, clean_stats, local_stats
 from .gloro import gloro_loss
 
 
@@ -53,6 +56,9 @@ def sparsity(outer, lambda_theta: float) -> torch.Tensor:
 
 class LocalLipTraining(LipschitzTraining):
     Options = LocalLipOptions
+    # the global bound from the warm-started global iterates (Local-Lip Figure 2); the local one
+    # is the robust term's, and measured without gradients during the warm-up (lambda = 0)
+    tracked = ("lipschitz", "local_lipschitz")
 
     def __init__(self, config):
         super().__init__(config)
@@ -61,20 +67,20 @@ class LocalLipTraining(LipschitzTraining):
     def combine(self, logits, lower, y) -> torch.Tensor:
         raise NotImplementedError
 
+    def local_norms(self, model, x, state):
+        o = self.options
+        return TrainingLocalNorms(o.power_iterations, o.init, self.store, state.index)
+
     def robust(self, model, x, y, state):
         o = self.options
-        norms = TrainingLocalNorms(o.power_iterations, o.init, self.store, state.index)
-        outer, local = local_outer(model, x, state.perturbation, norms)
+        outer, local = local_outer(model, x, state.perturbation, self.local_norms(model, x, state))
         lower = margin_lower(outer, y, use_box=True)
         loss = self.combine(outer.logits, lower, y)
-        extra = {"local_lipschitz": local.detach().mean()}
+        extra = local_stats(outer, local) | clean_stats(outer.logits, y)
         if o.lambda_sparse > 0:
             sparse = sparsity(outer, o.lambda_theta)
             loss = loss + o.lambda_sparse * sparse
             extra["sparsity_loss"] = sparse.detach()
-        varying = [rule_mask.float().mean() for rule_mask in _varying(outer)]
-        if varying:
-            extra["varying_fraction"] = torch.stack(varying).mean().detach()
         return loss, lower, extra
 
     def state_dict(self) -> dict:
@@ -88,11 +94,6 @@ class LocalLipTraining(LipschitzTraining):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.store.load_state_dict(state.get("store", {}))
-
-
-def _varying(outer):
-    for activation, lower, upper in outer.boxes:
-        yield ACTIVATION_RULES[type(activation)].varying(activation, lower, upper)
 
 
 @METHODS.register("local_lip_b")
