@@ -141,6 +141,9 @@ class Row(Base):
     error: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The row of the same job that trains this row's model (orchestrator.shared_training);
+    # None: the row trains itself.
+    trained_by: Mapped[str | None] = mapped_column(sa.String(32), index=True)
 
     job: Mapped[Job] = relationship(back_populates="rows")
     attempt_log: Mapped[list["Attempt"]] = relationship(

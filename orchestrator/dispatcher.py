@@ -7,6 +7,13 @@ into the store, and (4) claims due rows up to the cluster's capacity and submits
 lease expired (their dispatcher died) are due again, so a restarted service picks them up and they
 resume from their last checkpoint. Every store write is fenced by this dispatcher's owner id.
 
+A row whose model another row of its job trains (`trained_by`, orchestrator.shared_training) is
+only claimed once that row has ended (the store's claim filter; while it waits it stays queued and
+its progress names the row it waits for). Then it runs as a certify-only task on that row's final
+checkpoint, with its MLflow run tagged with the training row and its run. Should the training row
+fail for good, the store fails its waiting rows in the same transaction, naming it: they do not
+train themselves, since the same training would most likely fail again.
+
 A sweep job's row runs the same way, as a task that drives Ray Tune (orchestrator.sweeps); its
 trials' states come from the sweep's state file each tick, as a row's progress does, and a sweep
 that is picked up again restores its Tuner.
@@ -26,6 +33,7 @@ from workers.recorder import read_progress
 
 from .execution import RayExecutor, RowHandle
 from .settings import Settings
+from .shared_training import shared_training_tags
 from .store import JobStore, RowView
 from .sweep_state import read_state
 
@@ -162,17 +170,41 @@ class Dispatcher:
         if self.store.job_kind(row.job_id) == "sweep":
             self._submit_sweep(self.store.get_job(row.job_id), row, workdir)
             return
+        source = None
+        if row.trained_by is not None:
+            source = self._training_source(row)
+            if source is None:
+                return
         recorder = None
         if self.tracking is not None:
             try:
                 recorder = self.tracking.row_recorder(row)
+                if source is not None:
+                    recorder.set_tags(shared_training_tags(source))
                 self.store.record_progress(row.id, self.owner, epoch=row.progress["epoch"],
                                            epochs=int(row.config["epochs"]),
                                            metrics=row.metrics, mlflow_run_id=recorder.run_id)
             except Exception as error:  # MLflow down: the row still runs, without tracking
                 log.warning("MLflow unavailable for row %s: %s", row.id, error)
                 recorder = None
-        self.running[row.id] = self.executor.submit(row.id, row.config, workdir, recorder)
+        self.running[row.id] = self.executor.submit(row.id, row.config, workdir, recorder,
+                                                    source)
+
+    def _training_source(self, row: RowView) -> dict | None:
+        """The row that trained `row`'s model, as the certify-only task needs it; None (and the
+        row failed for good) when it has no checkpoint to give."""
+        trainer = self.store.get_row(row.trained_by["row_id"])
+        checkpoint = (trainer.result or {}).get("checkpoint")
+        if trainer.status == "succeeded" and checkpoint:
+            return {"row_id": trainer.id, "row": trainer.name, "seed": trainer.seed,
+                    "mlflow_run_id": trainer.mlflow_run_id, "checkpoint": checkpoint,
+                    "train_size": ((trainer.result or {}).get("data") or {}).get("train_size")}
+        error = (f"not certified: row {trainer.name} (id {trainer.id}), which trains this row's "
+                 f"model, is {trainer.status} without a checkpoint in its result")
+        self.store.fail_row(row.id, self.owner, error, max_attempts=self.settings.max_attempts,
+                            final=True)
+        self._job_changed_for(row.id)
+        return None
 
     # -- sweeps -------------------------------------------------------------------------------
 

@@ -11,6 +11,11 @@ process died (a lost machine, a killed raylet, the OOM killer) did nothing wrong
 same task on a live node up to CERTREPRO_NODE_RETRIES times, and as the work folder is on the
 shared runs folder it resumes from the row's last checkpoint into the same MLflow run. Only when
 those retries are spent does the dispatcher see the loss, named as such.
+
+A row whose model another row of its job trains (orchestrator.shared_training) runs
+`execute_certify` instead: it certifies that row's final checkpoint with its own certification
+settings, and its result carries the training's history and seconds per epoch, as if it had
+trained. It is retried and re-run on node loss the same way (certification has no state to keep).
 """
 from __future__ import annotations
 
@@ -28,19 +33,75 @@ def execute_row(config: dict[str, Any], workdir: str, recorder: Any | None,
                 threads: int) -> dict[str, Any]:
     """Body of the Ray task: train (resuming from the folder's checkpoint) and certify one row.
     Returns the result without its per-example list (that stays in result.json and MLflow)."""
+    from workers.runner import run_row
+
+    result = run_row(config, workdir, _task_recorder(config, workdir, recorder, threads))
+    return _as_returned(result, workdir)
+
+
+def execute_certify(config: dict[str, Any], workdir: str, recorder: Any | None, threads: int,
+                    source: dict[str, Any]) -> dict[str, Any]:
+    """Body of the Ray task of a row whose model row `source` trained: certify `source`'s final
+    checkpoint (`source["checkpoint"]`) under this row's config. The checkpoint must hold the
+    finished training of this row's training config; its history and seconds per epoch become
+    this row's (in the result and, per epoch, in MLflow), and `trained_by` names `source`."""
+    from workers.core.config import resolve
+    from workers.core.train import load_checkpoint
+    from workers.files import write_json
+    from workers.recorder import flatten
+    from workers.runner import certify_checkpoint
+
+    from .shared_training import certification_overrides, training_key
+
+    out = _task_recorder(config, workdir, recorder, threads)
+    resolved = resolve(config)
+    path = source["checkpoint"]
+    state = load_checkpoint(path)
+    trainer = f"row {source['row']} (id {source['row_id']})"
+    if training_key(state.get("config") or {}) != training_key(resolved):
+        raise ValueError(f"checkpoint {path} of {trainer} was not trained with this row's "
+                         "training config; it cannot stand in for this row's training")
+    if state.get("epoch") != resolved.epochs:
+        raise ValueError(f"checkpoint {path} of {trainer} holds epoch {state.get('epoch')} of "
+                         f"{resolved.epochs}: its training did not finish")
+    out.log_params(flatten(resolved.model_dump()))
+    for epoch, (means, seconds) in enumerate(zip(state["history"], state["sec_per_epoch"]), 1):
+        out.log_metrics({**means, "sec_per_epoch": seconds}, step=epoch)
+    result = certify_checkpoint(path, certification_overrides(resolved))
+    # the trained model is the trainer's; data, timing and history are its training's
+    result["config"] = resolved.model_dump()
+    result["history"] = state["history"]
+    if source.get("train_size") is not None:
+        result["data"] = result["data"] | {"train_size": source["train_size"]}
+    result["trained_by"] = {key: source.get(key)
+                            for key in ("row_id", "row", "seed", "mlflow_run_id", "checkpoint")}
+    out.log_metrics(flatten(result["metrics"]), step=resolved.epochs)
+    write_json(Path(workdir) / "result.json", result)
+    out.log_artifact(str(Path(workdir) / "result.json"))
+    return _as_returned(result, workdir)
+
+
+def _task_recorder(config: dict[str, Any], workdir: str, recorder: Any | None, threads: int):
+    """Use the CPUs Ray gave this task (not the whole machine) and report to the row's progress
+    file (and MLflow when there is a recorder)."""
     import torch
 
     from workers.recorder import FanOut, ProgressFile
-    from workers.runner import run_row
 
-    torch.set_num_threads(max(1, threads))  # the CPUs Ray gave this task, not the whole machine
+    torch.set_num_threads(max(1, threads))
     progress = ProgressFile(Path(workdir) / "progress.json", int(config["epochs"]))
-    recorders = (progress,) if recorder is None else (progress, recorder)
-    result = run_row(config, workdir, FanOut(*recorders))
+    return FanOut(progress) if recorder is None else FanOut(progress, recorder)
+
+
+def _as_returned(result: dict[str, Any], workdir: str) -> dict[str, Any]:
+    """What the task hands the dispatcher: the result without its per-example list (that stays
+    in result.json and MLflow), with where it lies and which node finished the row (after a
+    node loss, not the one that started it)."""
     result.pop("per_example", None)
     result["result_path"] = str(Path(workdir) / "result.json")
-    # which node finished the row (after a node loss, not the one that started it)
-    result["ray_node_id"] = ray.get_runtime_context().get_node_id()
+    # (None when the body runs outside Ray, as the unit tests call it)
+    result["ray_node_id"] = (ray.get_runtime_context().get_node_id() if ray.is_initialized()
+                             else None)
     return result
 
 
@@ -63,6 +124,7 @@ def _signal_handlers_kept():
 # per submission); an exception the row raised goes to the dispatcher. A cancelled task is never
 # retried (ray.cancel).
 _remote_row = ray.remote(max_retries=0, retry_exceptions=False)(execute_row)
+_remote_certify = ray.remote(max_retries=0, retry_exceptions=False)(execute_certify)
 
 # What ray.get raises when the row's process or node was lost rather than the row failing.
 LOST = (ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError,
@@ -112,7 +174,9 @@ class RayExecutor:
         return max(1, int(resources.get("CPU", 1) // self.cpus_per_row))
 
     def submit(self, row_id: str, config: dict[str, Any], workdir: Path,
-               recorder: Any | None) -> RowHandle:
+               recorder: Any | None, source: dict[str, Any] | None = None) -> RowHandle:
+        """Run the row: train and certify, or with `source` (the row that trained its model:
+        row_id, row, seed, mlflow_run_id, checkpoint, train_size) certify that checkpoint."""
         config = dict(config)
         gpus = self.gpus_per_row
         if gpus > 0 and config.get("device") == "cpu":
@@ -120,7 +184,11 @@ class RayExecutor:
         options = {"num_cpus": self.cpus_per_row, "num_gpus": gpus,
                    "max_retries": self.node_retries, "name": f"row-{row_id[:8]}"}
         threads = int(self.cpus_per_row) or 1
-        ref = _remote_row.options(**options).remote(config, str(workdir), recorder, threads)
+        args = (config, str(workdir), recorder, threads)
+        if source is None:
+            ref = _remote_row.options(**options).remote(*args)
+        else:
+            ref = _remote_certify.options(**options).remote(*args, source)
         return RowHandle(row_id, ref, workdir)
 
     @staticmethod

@@ -1,7 +1,8 @@
 """Turning a job request into the rows the store queues: a `run` job is one row; a `table` job is
 one row per selected spec row and seed; a `sweep` job is one row (the sweep, run by Ray Tune) whose
 trials are rows of the same runner. Every row's config is validated and fully resolved here,
-before anything is written. Rows whose method or certifier certrepro does not have yet are left
+before anything is written. Rows of a table job that would train the identical model share one
+training (orchestrator.shared_training): the first trains, the others certify its checkpoint. Rows whose method or certifier certrepro does not have yet are left
 out of the job and named, never faked."""
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from workers.core.methods import METHODS
 from workers.core.models import MODELS
 
 from . import sweep_space
+from .shared_training import assign_trainers
 from .store import NewRow
 
 MAX_TRIALS = 1000
@@ -87,6 +89,8 @@ def plan_table(spec_name: str, rows: list[str] | None, profile: str,
     if not plan.rows:
         reasons = "; ".join(f"{item['row']}: {item['reason']}" for item in plan.not_implemented)
         raise JobRequestError([("rows", f"no selected row can run yet ({reasons})")])
+    for row, trainer in zip(plan.rows, assign_trainers([row.config for row in plan.rows])):
+        row.trained_by = trainer
     return plan
 
 

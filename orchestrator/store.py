@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import sqlalchemy as sa
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from orchestrator.db import (
     JOB_KINDS,
@@ -66,6 +66,9 @@ class NewRow:
     name: str
     config: dict
     seed: int = 0
+    # index (in the job's row list) of an earlier row that trains this row's model; this row
+    # then only certifies that row's checkpoint (orchestrator.shared_training)
+    trained_by: int | None = None
 
 
 @dataclass
@@ -99,6 +102,8 @@ class RowView:
     lease_owner: str | None
     lease_until: str | None
     attempt_log: list[AttemptView] = field(default_factory=list)
+    # {"row_id", "row", "seed"} of the row that trains this row's model; None: it trains itself
+    trained_by: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,15 +160,28 @@ def _attempt_view(a: Attempt) -> AttemptView:
                        ended_at=_iso(a.ended_at), outcome=a.outcome, error=a.error)
 
 
-def _row_view(r: Row) -> RowView:
+def _row_view(r: Row, trainer: Row | None = None) -> RowView:
+    """`trainer`: the row named by r.trained_by (its name and status go into the view)."""
+    progress = {"epoch": r.progress_epoch, "epochs": r.progress_epochs}
+    trained_by = None
+    if r.trained_by is not None:
+        trained_by = {"row_id": r.trained_by, "row": trainer.name if trainer else None,
+                      "seed": trainer.seed if trainer else None}
+        if r.status == "queued" and trainer is not None and trainer.status != "succeeded":
+            progress["waiting_for"] = trained_by
+            progress["note"] = f"waiting for row {trainer.name}'s training ({trainer.status})"
     return RowView(
         id=r.id, job_id=r.job_id, index=r.index, name=r.name, seed=r.seed, config=r.config,
-        status=r.status, attempts=r.attempts,
-        progress={"epoch": r.progress_epoch, "epochs": r.progress_epochs},
+        status=r.status, attempts=r.attempts, progress=progress,
         metrics=r.metrics if r.metrics is not None else {}, result=r.result,
         mlflow_run_id=r.mlflow_run_id, error=r.error, lease_owner=r.lease_owner,
         lease_until=_iso(r.lease_until), attempt_log=[_attempt_view(a) for a in r.attempt_log],
+        trained_by=trained_by,
     )
+
+
+def _single_row_view(s: Session, r: Row) -> RowView:
+    return _row_view(r, s.get(Row, r.trained_by) if r.trained_by is not None else None)
 
 
 def _trial_dict(t: SweepTrial) -> dict:
@@ -171,11 +189,13 @@ def _trial_dict(t: SweepTrial) -> dict:
 
 
 def _job_view(j: Job) -> JobView:
+    by_id = {r.id: r for r in j.rows}
     return JobView(
         id=j.id, kind=j.kind, status=j.status, spec=j.spec, profile=j.profile, body=j.body,
         cancel_requested=bool(j.cancel_requested), mlflow_run_id=j.mlflow_run_id, error=j.error,
         created_at=_iso(j.created_at), updated_at=_iso(j.updated_at),
-        rows=[_row_view(r) for r in j.rows], trials=[_trial_dict(t) for t in j.trials],
+        rows=[_row_view(r, by_id.get(r.trained_by)) for r in j.rows],
+        trials=[_trial_dict(t) for t in j.trials],
     )
 
 
@@ -345,6 +365,7 @@ class JobStore:
             if not isinstance(row, NewRow):
                 raise TypeError(f"rows[{i}] is {type(row).__name__}, not NewRow")
             _canonical_json(row.config, f"config of row {row.name!r}")
+            _check_trainer(rows, i)
         digest = body_hash(body)  # also checks that the body is JSON
         if idempotency_key is None:
             with self._write() as s:
@@ -415,10 +436,12 @@ class JobStore:
 
     @staticmethod
     def _insert_rows(s: Session, job_id: str, rows: list[NewRow], now: datetime) -> None:
+        ids = [new_id() for _ in rows]
         s.execute(sa.insert(Row), [
-            dict(id=new_id(), job_id=job_id, index=i, name=r.name, seed=int(r.seed),
+            dict(id=ids[i], job_id=job_id, index=i, name=r.name, seed=int(r.seed),
                  config=r.config, status="queued", attempts=0, progress_epoch=0,
                  progress_epochs=_epochs_of(r.config), metrics={}, result=None,
+                 trained_by=None if r.trained_by is None else ids[r.trained_by],
                  created_at=now, updated_at=now)
             for i, r in enumerate(rows)
         ])
@@ -443,7 +466,7 @@ class JobStore:
                             .options(selectinload(Row.attempt_log))).scalar_one_or_none()
             if row is None:
                 raise NotFound(f"no row {row_id!r}")
-            return _row_view(row)
+            return _single_row_view(s, row)
 
     def list_jobs(self, *, status: str | None = None, kind: str | None = None, limit: int = 20,
                   cursor: str | None = None) -> tuple[list[JobView], str | None]:
@@ -534,7 +557,8 @@ class JobStore:
                     select(Row).join(Job, Row.job_id == Job.id)
                     .where(Job.cancel_requested.is_(False),
                            or_(Row.status == "queued",
-                               and_(Row.status == "running", Row.lease_until < now)))
+                               and_(Row.status == "running", Row.lease_until < now)),
+                           _trainer_done())
                     .order_by(Job.created_at, Job.id, Row.index)
                     .limit(limit - len(claimed))
                     .with_for_update(skip_locked=True, of=Row)
@@ -549,12 +573,20 @@ class JobStore:
                         self._close_attempt(s, row.id, now, "lost",
                                             f"lease of {previous} expired")
                         if row.attempts >= max_attempts:
+                            dependents = self._lock_dependents(s, row.id)
                             row.status = "failed"
                             row.error = (f"lost or failed {row.attempts} times (max_attempts="
                                          f"{max_attempts}); the last attempt was lost when the "
                                          f"lease of {previous} expired")
                             row.lease_owner, row.lease_until = None, None
                             row.updated_at = now
+                            _fail_dependents(dependents, row, now)
+                            continue
+                    if row.trained_by is not None:
+                        trainer = s.get(Row, row.trained_by)
+                        if trainer is None or trainer.status != "succeeded":
+                            # the claim filter let it through: its trainer ended without a model
+                            _fail_dependents([row], trainer, now)
                             continue
                     row.status = "running"
                     row.lease_owner, row.lease_until = owner, until
@@ -573,7 +605,7 @@ class JobStore:
                 select(Row).where(Row.id.in_(claimed)).options(selectinload(Row.attempt_log))
                 .execution_options(populate_existing=True)
             ).scalars().all()
-            by_id = {r.id: _row_view(r) for r in rows}
+            by_id = {r.id: _single_row_view(s, r) for r in rows}
             return [by_id[i] for i in claimed]
 
     def renew_lease(self, row_id: str, owner: str, lease_seconds: float) -> bool:
@@ -625,19 +657,25 @@ class JobStore:
             self._recompute(s, self._lock_job(s, row.job_id), now)
             return True
 
-    def fail_row(self, row_id: str, owner: str, error: str, *, max_attempts: int) -> str | None:
+    def fail_row(self, row_id: str, owner: str, error: str, *, max_attempts: int,
+                 final: bool = False) -> str | None:
         """Returns the row's new status: ``queued`` (will be retried), ``failed`` (attempts used
-        up), ``cancelled`` (its job was cancelled meanwhile); ``None`` if fenced out."""
+        up, or ``final``: retrying cannot help), ``cancelled`` (its job was cancelled meanwhile);
+        ``None`` if fenced out. A row that fails takes the queued rows waiting for its model
+        (``trained_by``) with it, in the same transaction: they fail naming it."""
         now = utcnow()
         with self._write() as s:
             row = self._fenced_row(s, row_id, owner)
             if row is None:
                 return None
             self._close_attempt(s, row.id, now, "failed", error)
+            retry = row.attempts < max_attempts and not final
+            # rows before the job (the lock order): the rows waiting for this row's model
+            dependents = [] if retry else self._lock_dependents(s, row.id)
             job = self._lock_job(s, row.job_id)
             if job.cancel_requested:
                 status = "cancelled"
-            elif row.attempts < max_attempts:
+            elif retry:
                 status = "queued"
             else:
                 status = "failed"
@@ -645,9 +683,20 @@ class JobStore:
             row.error = error
             row.lease_owner, row.lease_until = None, None
             row.updated_at = now
+            if status == "failed":
+                _fail_dependents(dependents, row, now)
             s.flush()
             self._recompute(s, job, now)
             return status
+
+    @staticmethod
+    def _lock_dependents(s: Session, row_id: str) -> list[Row]:
+        """The queued rows that wait for `row_id`'s model, locked."""
+        return list(s.execute(
+            select(Row).where(Row.trained_by == row_id, Row.status == "queued")
+            .order_by(Row.index).with_for_update()
+            .execution_options(populate_existing=True)
+        ).scalars())
 
     def rows_to_stop(self, owner: str) -> list[str]:
         with self._read() as s:
@@ -737,6 +786,43 @@ class JobStore:
                 trial.status, trial.updated_at = "cancelled", now
             s.flush()
             return [_trial_dict(t) for t in open_trials]
+
+
+def _check_trainer(rows: list[NewRow], i: int) -> None:
+    """A row's `trained_by` names an earlier row of the job that trains itself."""
+    trainer = rows[i].trained_by
+    if trainer is None:
+        return
+    if not isinstance(trainer, int) or not 0 <= trainer < i:
+        raise ValueError(f"row {rows[i].name!r}: trained_by must be the index of an earlier "
+                         f"row, got {trainer!r}")
+    if rows[trainer].trained_by is not None:
+        raise ValueError(f"row {rows[i].name!r}: its trainer {rows[trainer].name!r} does not "
+                         "train itself")
+
+
+def _trainer_done():
+    """Claim filter: a row that waits for another row's model is due once that row has ended
+    (succeeded: certify its checkpoint; failed, cancelled or gone: the claim fails it). A row
+    that trains itself has no trainer and is always due."""
+    trainer = aliased(Row)
+    return ~sa.exists().where(trainer.id == Row.trained_by, trainer.status.not_in(TERMINAL))
+
+
+def _fail_dependents(rows: list[Row], trainer: Row | None, now: datetime) -> None:
+    """Rows whose model will not be trained fail at once (retrying them cannot help), naming
+    the row that was to train it and why it did not."""
+    if trainer is None:
+        reason = "the row that was to train its model no longer exists"
+    else:
+        reason = (f"row {trainer.name} (seed {trainer.seed}, id {trainer.id}), which trains this "
+                  f"row's model, {trainer.status}"
+                  + (f": {trainer.error}" if trainer.error else ""))
+    for row in rows:
+        row.status = "failed"
+        row.error = f"not certified: {reason}"
+        row.lease_owner, row.lease_until = None, None
+        row.updated_at = now
 
 
 def _epochs_of(config: dict[str, Any]) -> int:
