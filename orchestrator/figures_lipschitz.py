@@ -22,6 +22,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .figures import FIGURES, _history
 from .figures_bounds import _legend_below, _metrics, _title
@@ -65,6 +66,7 @@ def lipschitz_during_training(job: Any, table: dict[str, Any]) -> Figure | None:
                     axis.plot(epochs, _series(history, key), linestyle=style, label=label,
                               color=colours[number % len(colours)])
         axis.set(title=title, xlabel="epoch", ylabel=ylabel)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not fractions
         if log and axis.lines:
             axis.set_yscale("log")
     _legend_below(figure, axes[:1])  # panel (a) names every row and both bounds
@@ -112,6 +114,7 @@ def varying_relu_share(job: Any, table: dict[str, Any]) -> Figure | None:
             axis.plot(range(1, len(values) + 1), values, label=f"layer {layer}")
         axis.set(title=f"during training: {_title(row, table)}", xlabel="epoch",
                  ylabel="share of outputs", ylim=(0, 1.02))
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.legend(fontsize="x-small")
     figure.tight_layout()
     return figure

@@ -181,3 +181,31 @@ def test_every_step_records_every_curve(method, t):
     assert 0 < float(stats["local_lipschitz"]) <= certified
     assert 0 < float(stats["lipschitz"]) <= certified
     loss.backward()  # a differentiable loss at every stage, the ramp's first step included
+
+
+def test_the_local_bound_recorded_beside_bcp_is_an_estimate_of_the_certified_one():
+    """SharedStartLocalNorms (BCP's recorded local bound): power steps from the global iterates
+    approach each example's reduced-operator norm from below, so the recorded bound stays under
+    the certified one (exact here: dense float64 norms) and meets it once converged."""
+    from torch import nn
+
+    from workers.core.lipschitz import (CertifiedLocalNorms, GlobalPower, SharedStartLocalNorms,
+                                        local_outer)
+
+    from .nets import DTYPE, random_init
+    gen = torch.Generator().manual_seed(5)
+    model = random_init(nn.Sequential(nn.Linear(6, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(),
+                                      nn.Linear(20, 4)), gen)
+    x = torch.rand(10, 6, generator=gen, dtype=DTYPE)
+    perturbation = PerturbationSet("l2", 0.2)
+    with torch.no_grad():
+        _, exact = local_outer(model, x, perturbation, CertifiedLocalNorms())
+        power = GlobalPower(300)
+        power.norms([s.affine for s in network_of(model, x).stages], gen)
+        for steps, tolerance in ((1, None), (300, 1e-6)):
+            _, estimate = local_outer(model, x, perturbation,
+                                      SharedStartLocalNorms(power, steps, gen))
+            assert (estimate <= exact * (1 + 1e-9)).all()
+            if tolerance is not None:
+                assert estimate == pytest.approx(exact, rel=tolerance)
+    assert (exact < float(global_bound(model, x[:1]))).all()  # the masks do remove something
