@@ -6,7 +6,10 @@ import matplotlib.pyplot as plt
 import pytest
 from matplotlib.patches import Rectangle
 
+from experiments import load_spec, row_configs
 from orchestrator import figures
+from orchestrator.tables import RowOutcome, assemble
+from workers.runner import run_row
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -103,3 +106,31 @@ def test_none_without_data(name):
     assert figures.FIGURES.get(name)(empty, TABLE) is None
     assert figures.render_png(name, empty, TABLE) is None
     assert name not in figures.available(empty, TABLE)
+
+
+def test_the_figure_specs_quick_rows_fill_their_columns_and_draw(tmp_path):
+    """locallip/figure3 and figure2's quick rows cut to 2 epochs on 200 examples: run, assembled
+    into both tables, drawn from the real results."""
+    spec3, spec2 = load_spec("locallip/figure3"), load_spec("locallip/figure2")
+    rows = []
+    for row_id, seed, config in row_configs(spec3, "quick", rows=["standard", "ours"]):
+        config = dict(config, epochs=2, train_limit=200, test_limit=10,
+                      attack={"steps": 2, "restarts": 1})
+        rows.append(row(row_id, run_row(config, tmp_path / row_id), seed))
+    outcomes = [RowOutcome(r.name, r.seed, "succeeded", r.result["metrics"], result=r.result)
+                for r in rows]
+    table3 = assemble(spec3, outcomes, "quick")
+    cells = {r["id"]: r["cells"] for r in table3["rows"]}
+    for row_id in ("standard", "ours"):
+        layers = [cells[row_id][f"layer{k}"]["reproduced"] for k in (1, 2)]
+        assert all(0 <= share <= 1 for share in layers)
+        assert cells[row_id]["mean"]["reproduced"] == pytest.approx(sum(layers) / 2, abs=1e-5)
+        assert cells[row_id]["layer3"]["verdict"] == "n/a"  # mlp2x100 has two hidden layers
+    assert cells["ours"]["varying_fraction"]["reproduced"] is not None
+    assert cells["standard"]["varying_fraction"]["verdict"] == "n/a"  # nominal: not recorded
+    table2 = assemble(spec2, outcomes[1:], "quick")
+    ours = table2["rows"][0]["cells"]
+    assert 0 < ours["local_lipschitz"]["reproduced"] < ours["global_lipschitz"]["reproduced"]
+    assert ours["clean_ce"]["reproduced"] > 0 and ours["robust_ce"]["reproduced"] > 0
+    assert figures.render_png("varying_relu_share", job(*rows), table3)[:8] == PNG
+    assert figures.render_png("lipschitz_during_training", job(*rows), table2)[:8] == PNG
