@@ -1,11 +1,15 @@
 """Figures of Lipschitz-bound training (registered in orchestrator.figures.FIGURES): the global
-and local Lipschitz bounds during training (Local-Lip Figure 2) and the share of varying ReLUs per
-layer (Local-Lip Figure 3, and appendix Figure 6 over the epochs).
+and local Lipschitz bounds during training (Local-Lip Figure 2, per layer appendix Figure 7) and
+the share of varying ReLUs per layer (Local-Lip Figure 3, and appendix Figure 6 over the
+epochs).
 
 - `lipschitz_during_training`: Figure 2's three panels from each row's per-epoch history:
   (a) the global (`lipschitz`, solid) and the average local (`local_lipschitz`, dashed) bound,
   log scale; (b) the natural cross-entropy (`fit_loss`); (c) the cross-entropy on the worst
   logits (`robust_loss`). `bcp` and `local_lip_*` record both bounds on every step.
+- `layer_lipschitz_during_training`: appendix Figure 7, a panel per row: each layer's norm over
+  the epochs in the global bound (`lipschitz.layer{i}`, solid) and, averaged over the examples, in
+  the local one (`local_lipschitz.layer{i}`, dashed), the logit layer last.
 - `varying_relu_share`: Figure 3's grouped bars, the varying share of each hidden layer per row
   (the `varying_relu` diagnostic, measured on the trained network with the Local-Lip
   certificate's bounds), then for each row whose history holds the per-layer shares
@@ -27,14 +31,14 @@ from matplotlib.ticker import MaxNLocator
 from .figures import FIGURES, _history
 from .figures_bounds import _legend_below, _metrics, _title
 
+# the two bounds: history key, line style, name in the legend
+BOUNDS = (("lipschitz", "-", "global"), ("local_lipschitz", "--", "local"))
 # Figure 2's panels: (history keys drawn, with their line styles), title, y label, log scale
 TRAINING_PANELS = [
-    ((("lipschitz", "-", "global"), ("local_lipschitz", "--", "local")),
-     "(a) global and average local Lipschitz bound", "Lipschitz bound", True),
+    (BOUNDS, "(a) global and average local Lipschitz bound", "Lipschitz bound", True),
     ((("fit_loss", "-", None),), "(b) cross-entropy, natural", "cross-entropy", False),
     ((("robust_loss", "-", None),), "(c) cross-entropy, worst logits", "cross-entropy", False),
 ]
-LAYER_KEY = re.compile(r"^varying_fraction\.layer(\d+)$")
 
 
 def _series(history: list[dict[str, Any]], key: str) -> list[float]:
@@ -73,11 +77,11 @@ def lipschitz_during_training(job: Any, table: dict[str, Any]) -> Figure | None:
     return figure
 
 
-def _layer_shares(history: list[dict[str, Any]]) -> dict[int, list[float]]:
-    """Per hidden layer (1-based) the varying share over the epochs, where the history has it."""
-    layers = sorted({int(m.group(1)) for h in history for key in h
-                     if (m := LAYER_KEY.match(key))})
-    return {layer: _series(history, f"varying_fraction.layer{layer}") for layer in layers}
+def _per_layer(history: list[dict[str, Any]], name: str) -> dict[int, list[float]]:
+    """Per layer (1-based) the history's `name.layer{i}` over the epochs, where it has them."""
+    pattern = re.compile(rf"^{re.escape(name)}\.layer(\d+)$")
+    layers = sorted({int(m.group(1)) for h in history for key in h if (m := pattern.match(key))})
+    return {layer: _series(history, f"{name}.layer{layer}") for layer in layers}
 
 
 def _measured_shares(row: Any) -> list[float]:
@@ -90,7 +94,8 @@ def _measured_shares(row: Any) -> list[float]:
 @FIGURES.register("varying_relu_share")
 def varying_relu_share(job: Any, table: dict[str, Any]) -> Figure | None:
     measured = [(row, shares) for row in job.rows if (shares := _measured_shares(row))]
-    tracked = [(row, shares) for row in job.rows if (shares := _layer_shares(_history(row)))]
+    tracked = [(row, shares) for row in job.rows
+               if (shares := _per_layer(_history(row), "varying_fraction"))]
     if not measured and not tracked:
         return None
     panels = (1 if measured else 0) + len(tracked)
@@ -116,5 +121,30 @@ def varying_relu_share(job: Any, table: dict[str, Any]) -> Figure | None:
                  ylabel="share of outputs", ylim=(0, 1.02))
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.legend(fontsize="x-small")
+    figure.tight_layout()
+    return figure
+
+
+@FIGURES.register("layer_lipschitz_during_training")
+def layer_lipschitz_during_training(job: Any, table: dict[str, Any]) -> Figure | None:
+    """Appendix Figure 7: a panel per row, each layer's norm over the epochs, in the global bound
+    (solid) and on average in the local one (dashed), log scale."""
+    rows = [(row, {name: layers for name in ("lipschitz", "local_lipschitz")
+                   if (layers := _per_layer(_history(row), name))}) for row in job.rows]
+    rows = [(row, curves) for row, curves in rows if curves]
+    if not rows:
+        return None
+    figure, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 4.2), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for axis, (row, curves) in zip(axes[0], rows):
+        for name, style, which in BOUNDS:
+            for layer, values in curves.get(name, {}).items():
+                axis.plot(range(1, len(values) + 1), values, linestyle=style,
+                          color=colours[(layer - 1) % len(colours)],
+                          label=f"layer {layer}, {which}")
+        axis.set(title=_title(row, table), xlabel="epoch", ylabel="layer norm")
+        axis.set_yscale("log")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.legend(fontsize="x-small", ncol=2)
     figure.tight_layout()
     return figure

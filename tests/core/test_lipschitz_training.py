@@ -172,6 +172,7 @@ def test_every_step_records_every_curve(method, t):
     loss, stats = method_obj.loss(model, x[:16], y[:16], state)
     curves = {"lipschitz", "local_lipschitz", "varying_fraction", "varying_fraction.layer1",
               "varying_fraction.layer2", "fit_loss", "loss"}
+    curves |= {f"{bound}.layer{i}" for bound in ("lipschitz", "local_lipschitz") for i in (1, 2, 3)}
     if t >= 1:  # from the end of the warm-up on
         curves |= {"robust_loss", "train_verified"}
     assert curves <= set(stats)
@@ -180,6 +181,10 @@ def test_every_step_records_every_curve(method, t):
     certified = float(global_bound(model, x[:1]))
     assert 0 < float(stats["local_lipschitz"]) <= certified
     assert 0 < float(stats["lipschitz"]) <= certified
+    # the global bound is the product of the layer norms it records (Figure 7's curves)
+    layers = torch.stack([torch.as_tensor(stats[f"lipschitz.layer{i}"]) for i in (1, 2, 3)])
+    assert float(layers.prod()) == pytest.approx(float(stats["lipschitz"]), rel=1e-5)
+    assert all(float(stats[f"local_lipschitz.layer{i}"]) > 0 for i in (1, 2, 3))
     loss.backward()  # a differentiable loss at every stage, the ramp's first step included
 
 

@@ -98,7 +98,8 @@ def test_varying_relu_share_from_history_alone_or_metrics_alone():
     plt.close(figure)
 
 
-@pytest.mark.parametrize("name", ["lipschitz_during_training", "varying_relu_share"])
+@pytest.mark.parametrize("name", ["lipschitz_during_training", "varying_relu_share",
+                                  "layer_lipschitz_during_training"])
 def test_none_without_data(name):
     assert figures.FIGURES.get(name)(job(), TABLE) is None
     empty = job(row("ours", None), row("bcp", {"metrics": {"clean_acc": 0.9},
@@ -134,3 +135,33 @@ def test_the_figure_specs_quick_rows_fill_their_columns_and_draw(tmp_path):
     assert ours["clean_ce"]["reproduced"] > 0 and ours["robust_ce"]["reproduced"] > 0
     assert figures.render_png("varying_relu_share", job(*rows), table3)[:8] == PNG
     assert figures.render_png("lipschitz_during_training", job(*rows), table2)[:8] == PNG
+    figure = figures.FIGURES.get("layer_lipschitz_during_training")(job(*rows), table2)
+    assert len(figure.axes) == 1  # the Local-Lip-B row: 3 affine layers, both bounds
+    assert len(figure.axes[0].lines) == 6
+    plt.close(figure)
+
+
+def test_layer_lipschitz_during_training_has_a_panel_per_row_and_a_line_per_layer():
+    def layered(epochs, layers, local=True):
+        out = []
+        for epoch in range(epochs):
+            h = {f"lipschitz.layer{i}": 1.0 + i + epoch for i in range(1, layers + 1)}
+            if local:
+                h |= {f"local_lipschitz.layer{i}": 0.5 + i for i in range(1, layers + 1)}
+            out.append(h | {"lipschitz": 1.0})
+        return out
+    rows = [row("ours", {"history": layered(3, 3)}),
+            row("bcp", {"history": layered(3, 3, local=False)}),
+            row("standard", {"history": [{"loss": 1.0}]})]  # no per-layer norms: no panel
+    figure = figures.FIGURES.get("layer_lipschitz_during_training")(job(*rows), TABLE)
+    ours, bcp = figure.axes
+    assert ours.get_title() == "Ours (Local-Lip-B) (seed 0)" and ours.get_yscale() == "log"
+    assert [line.get_label() for line in ours.lines] == [
+        "layer 1, global", "layer 2, global", "layer 3, global",
+        "layer 1, local", "layer 2, local", "layer 3, local"]
+    assert list(ours.lines[2].get_ydata()) == pytest.approx([4.0, 5.0, 6.0])
+    assert ours.lines[0].get_color() == ours.lines[3].get_color()  # a colour per layer
+    assert len(bcp.lines) == 3
+    plt.close(figure)
+    assert figures.render_png("layer_lipschitz_during_training", job(*rows), TABLE)[:8] == PNG
+    assert figures.FIGURES.get("layer_lipschitz_during_training")(job(rows[2]), TABLE) is None

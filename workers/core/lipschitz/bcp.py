@@ -48,6 +48,7 @@ class Outer:
     last_mask: torch.Tensor | None  # varying neurons of the last activation (masked mode)
     boxes: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     norms: list[torch.Tensor] = field(default_factory=list)  # one per hidden layer
+    last_norm: torch.Tensor | None = None  # the logit layer's (reduced) norm, where computed
 
 
 def _view(rho: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

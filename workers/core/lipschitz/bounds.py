@@ -26,6 +26,7 @@ def local_outer(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet
     Lipschitz bound of the whole network (Eq. 6), (B,)."""
     outer = propagate(model, x, perturbation, norm_of, masks=True)
     last = norm_of(len(outer.norms), outer.last_affine, outer.last_mask, None)
+    outer.last_norm = last
     bound = last
     for norm in outer.norms:
         bound = bound * norm

@@ -9,9 +9,11 @@ half the epochs on MNIST and CIFAR-10, Table 3). Layer norms: `power_iterations`
 power steps per training step (Table 3: 5 on MNIST, 2 on CIFAR-10).
 
 Beside the loss, `bcp` and `local_lip_*` record on every step (warm-up included) both the global
-Lipschitz bound (`lipschitz`) and the average local one (`local_lipschitz`), with the share of
-varying activation outputs (`varying_fraction`, `varying_fraction.layer{i}`), as Local-Lip
-Figure 2 compares them during BCP and Local-Lip training; a bound the robust term did not compute
+Lipschitz bound (`lipschitz`) and the average local one (`local_lipschitz`), each layer's norm
+in both (`lipschitz.layer{i}`, `local_lipschitz.layer{i}`, the logit layer last: appendix
+Figure 7) and the share of varying activation outputs (`varying_fraction`,
+`varying_fraction.layer{i}`: Figure 6), as Local-Lip Figure 2 compares them during BCP and
+Local-Lip training; a bound the robust term did not compute
 is measured without gradients (`TRACKERS`). Each is recorded on every step because the trainer
 divides each statistic's sum by the epoch's step count. The natural cross-entropy (`fit_loss`) is
 recorded after the ramp too (lambda = 1), from the clean logits the propagation yields.
@@ -110,9 +112,18 @@ def clean_stats(logits: torch.Tensor, y: torch.Tensor) -> dict:
     return {"fit_loss": F.cross_entropy(logits.detach(), y), "train_acc": accuracy(logits, y)}
 
 
+def layer_norms(name: str, norms) -> dict:
+    """Each affine layer's norm, the logit layer's last (Local-Lip appendix Figure 7): scalars,
+    or per-example values averaged over the batch."""
+    return {f"{name}.layer{i}": torch.as_tensor(norm).detach().mean()
+            for i, norm in enumerate(norms, start=1)}
+
+
 def local_stats(outer, local: torch.Tensor) -> dict:
-    """The average local bound of a batch and its varying shares (mean and per layer)."""
-    stats = {"local_lipschitz": local.detach().mean()}
+    """The average local bound of a batch, each layer's average reduced norm, and the varying
+    shares (mean and per layer)."""
+    stats = {"local_lipschitz": local.detach().mean(),
+             **layer_norms("local_lipschitz", [*outer.norms, outer.last_norm])}
     for key, share in share_stats([s.detach() for s in layer_shares(outer)]).items():
         # the mean is `varying_fraction` itself, each layer's share `varying_fraction.layer{i}`
         stats["varying_fraction" + ("" if key == "mean" else f".{key}")] = share
@@ -128,7 +139,8 @@ TRACKERS: Registry[Tracker] = Registry("tracked bound")
 @TRACKERS.register("lipschitz")
 def _global_bound(method, model, x, state) -> dict:
     # the method's own warm-started iterates: a few more power steps per step, no new state
-    return {"lipschitz": torch.stack(global_norms(method, model, x, state).values).prod()}
+    norms = global_norms(method, model, x, state).values
+    return {"lipschitz": torch.stack(norms).prod(), **layer_norms("lipschitz", norms)}
 
 
 # Examples of each batch the measured local bound is computed on: per-example norms cost a BCP
@@ -156,5 +168,6 @@ class BCPTraining(LipschitzTraining):
         outer = propagate(model, x, state.perturbation, norms)
         lower = margin_lower(outer, y, use_box=True)
         lipschitz = torch.stack(norms.values).prod().detach()
-        extra = {"lipschitz": lipschitz, **clean_stats(outer.logits, y)}
+        extra = {"lipschitz": lipschitz, **layer_norms("lipschitz", norms.values),
+                 **clean_stats(outer.logits, y)}
         return F.cross_entropy(-lower, y), lower, extra
