@@ -101,6 +101,51 @@ if m["clean_acc"] < 0.8 or m["verified_acc"]["ibp"] < 0.4:
     print("WARNING: accuracies well below the CPU reference (0.92 / 0.67 / 0.60)")
 EOF
 
+phase "rows with every diagnostic ($DEVICE): toy2d ibp, digits bcp and local_lip_b"
+"$PYTHON" - "$DEVICE" <<'EOF'
+import math, sys, tempfile, time
+from workers.runner import run_row
+
+device = sys.argv[1]
+lipschitz = dict(dataset="digits", model="mlp2x100", norm="l2", eps=0.5, eps_train=0.5, epochs=3,
+                 batch_size=64, train_limit=500, test_limit=100, device=device,
+                 schedule={"warmup_epochs": 0, "rampup_epochs": 2}, attack={"steps": 20})
+rows = {
+    "toy2d ibp (bound_area)": dict(method="ibp", dataset="toy2d", model="mlp3x100", eps=0.08,
+                                   eps_train=0.08, epochs=50, batch_size=13, augment=False,
+                                   certifiers=["ibp"], test_limit=13, device=device,
+                                   attack={"steps": 20}),
+    "digits bcp": dict(lipschitz, method="bcp", certifiers=["bcp", "lipschitz", "local_lip"]),
+    "digits local_lip_b": dict(lipschitz, method="local_lip_b", certifiers=["local_lip"]),
+}
+
+
+def numbers(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)):
+            yield f"{prefix}{key}", value
+
+
+failed = []
+for name, config in rows.items():
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        result = run_row(config, workdir)
+    metrics = dict(numbers(result["metrics"]))
+    history = dict(numbers(result["history"][-1]))
+    print(f"{name}: {time.perf_counter() - began:.1f} s on {result['device']}")
+    print("  metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+    print("  last epoch: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(history.items())))
+    print("  figure data: " + (", ".join(sorted(result.get("figure_data") or {})) or "none"))
+    bad = [k for k, v in {**metrics, **history}.items() if not math.isfinite(v)]
+    if bad:
+        failed.append(f"{name}: not finite: {bad}")
+if failed:
+    sys.exit("FAIL: " + "; ".join(failed))
+EOF
+
 phase "step cost ($DEVICE, --repeats $REPEATS)"
 # STEP_COST_ARGS: extra flags, e.g. "--batch-size 32 --warmup 1" for a quick CPU dry run
 # shellcheck disable=SC2086
