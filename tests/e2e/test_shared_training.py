@@ -17,7 +17,9 @@ TRAIN_02 = ["ibp-small-train0.2-eps0.1"]
 def test_rows_that_train_the_same_model_train_it_once(mlflow_server, tmp_path):
     service = ServiceProcess(tmp_path, f"sqlite:///{tmp_path / 'jobs.db'}", mlflow_server.url)
     # no data folder: the quick profile's MNIST files are missing, so its training fails
-    service.env |= {"CERTREPRO_MAX_ATTEMPTS": "1", "CERTREPRO_DATA": str(tmp_path / "no-data")}
+    missing = str(tmp_path / "no-data")
+    service.env |= {"CERTREPRO_MAX_ATTEMPTS": "1", "CERTREPRO_DATA": missing,
+                    "CERTREPRO_MNIST_IDX": missing}
     service.start()
     try:
         client = service.client
