@@ -139,6 +139,22 @@ def test_waiting_rows_are_not_claimed_until_their_trainer_succeeded(store):
     assert claimed[0].trained_by["row_id"] == ids[0]
 
 
+def test_a_certify_only_row_is_retried_and_recovered_like_any_row(store):
+    job_id, ids = shared_job(store)
+    claim(store)
+    store.complete_row(ids[0], "d1", {"metrics": {}, "checkpoint": "/x/checkpoint.pt"})
+    assert claim(store) == ["at-0.2", "at-0.3"]
+    assert store.fail_row(ids[2], "d1", "OSError: disk", max_attempts=2) == "queued"
+    # the other one's dispatcher dies: its lease expires and another dispatcher takes it over
+    assert store.renew_lease(ids[3], "d1", lease_seconds=0.01)
+    time.sleep(0.05)
+    assert claim(store, "d2") == ["at-0.2", "at-0.3"]
+    rows = store.get_job(job_id).rows
+    assert [r.attempts for r in rows[2:]] == [2, 2]
+    assert [a.outcome for a in rows[3].attempt_log] == ["lost", None]
+    assert all(r.trained_by["row"] == "train" for r in rows[2:])
+
+
 def test_a_trainer_retried_keeps_its_rows_waiting_and_a_failed_one_fails_them(store):
     job_id, ids = shared_job(store)
     claim(store)
