@@ -39,7 +39,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -95,6 +95,7 @@ class Row:
     step_bytes: list[int] = field(default_factory=list)  # peak minus what was allocated before
     saved_bytes: int | None = None  # tensors the loss keeps for backward (any device)
     stat_keys: list[str] = field(default_factory=list)
+    steps: int = 0  # steps taken so far (the StepState's position in the epoch)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,8 +178,11 @@ def row_state(row: Row, x: torch.Tensor, state: StepState) -> StepState:
 
 
 def step(row: Row, x: torch.Tensor, y: torch.Tensor, state: StepState) -> dict[str, Any]:
-    """One training step, exactly as the trainer does it."""
-    loss, stats = row.method.loss(row.model, x, y, row_state(row, x, state))
+    """One training step, exactly as the trainer does it: the row's steps count up through an
+    epoch, so statistics a method takes only now and then cost what they cost on average."""
+    state = replace(row_state(row, x, state), step=row.steps)
+    row.steps += 1
+    loss, stats = row.method.loss(row.model, x, y, state)
     row.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     row.optimizer.step()

@@ -214,3 +214,36 @@ def test_the_local_bound_recorded_beside_bcp_is_an_estimate_of_the_certified_one
             if tolerance is not None:
                 assert estimate == pytest.approx(exact, rel=tolerance)
     assert (exact < float(global_bound(model, x[:1]))).all()  # the masks do remove something
+
+
+def test_tracked_bounds_are_sampled_and_epoch_means_are_over_the_steps_that_recorded_them(
+        monkeypatch):
+    """BCP measures the local bound it does not train with on the first step of each epoch and
+    every TRACK_EVERY-th after it (on every step it doubled a GPU step); each epoch mean of the
+    history is the mean over the steps that recorded the statistic, not a sum over all steps."""
+    from workers.core.methods import METHODS
+    from workers.core.methods.bcp import TRACK_EVERY
+
+    recorded: list[dict[str, float]] = []
+    loss_of = METHODS.get("bcp").loss
+
+    def spy(self, model, x, y, state):
+        loss, stats = loss_of(self, model, x, y, state)
+        recorded.append({key: float(value) for key, value in stats.items()} | {"_step": state.step})
+        return loss, stats
+
+    monkeypatch.setattr(METHODS.get("bcp"), "loss", spy)
+    steps = TRACK_EVERY + 2  # the tracked steps of each epoch: 0 and TRACK_EVERY
+    cfg = config("bcp", epochs=2, train_limit=steps * 8, batch_size=8,
+                 schedule={"warmup_epochs": 0, "rampup_epochs": 1})
+    x, y = load_split("digits", "train")
+    history = train(cfg, x[:steps * 8], y[:steps * 8]).history
+    assert [r["_step"] for r in recorded] == list(range(steps)) * 2
+    for epoch, means in enumerate(history):
+        epoch_steps = recorded[epoch * steps:(epoch + 1) * steps]
+        tracked = [r for r in epoch_steps if "local_lipschitz" in r]
+        assert [r["_step"] for r in tracked] == [0, TRACK_EVERY]
+        assert means["local_lipschitz"] == pytest.approx(
+            sum(r["local_lipschitz"] for r in tracked) / 2, rel=1e-6)
+        assert means["lipschitz"] == pytest.approx(  # BCP's own bound: every step
+            sum(r["lipschitz"] for r in epoch_steps) / steps, rel=1e-6)

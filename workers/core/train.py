@@ -124,6 +124,7 @@ def train(config: RunConfig, x: torch.Tensor, y: torch.Tensor,
                             enabled=show_progress)
         order = torch.randperm(n, generator=generator)
         sums: dict[str, Any] = {}
+        counts: dict[str, int] = {}  # a statistic's mean is over the steps that recorded it
         began = time.perf_counter()
         for step in range(steps_per_epoch):
             t = epoch + step / steps_per_epoch
@@ -133,13 +134,14 @@ def train(config: RunConfig, x: torch.Tensor, y: torch.Tensor,
             xb = augment_batch(x[index].to(device), translate, flip, generator)
             yb = y[index].to(device)
             eps = train_eps(config, t)
-            state = StepState(t, eps, PerturbationSet(config.norm, eps), generator, index)
+            state = StepState(t, eps, PerturbationSet(config.norm, eps), generator, index, step)
             loss, stats = method.loss(model, xb, yb, state)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             for key, value in stats.items():
                 sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
             if show_progress and (step % 10 == 0 or step == steps_per_epoch - 1):
                 progress.update(0, f"loss {float(stats['loss']):.3f} eps {eps:.4f}")
             progress.update(1)
@@ -147,7 +149,7 @@ def train(config: RunConfig, x: torch.Tensor, y: torch.Tensor,
             torch.cuda.synchronize()
         seconds = time.perf_counter() - began  # training only: no evaluation inside
         progress.close()
-        means = {key: float(value) / steps_per_epoch for key, value in sums.items()}
+        means = {key: float(value) / counts[key] for key, value in sums.items()}
         means.update(lr=learning_rate(config, epoch + 1 - 1e-9), eps_train=train_eps(config, epoch + 1))
         result.sec_per_epoch.append(seconds)
         result.history.append(means)

@@ -31,6 +31,7 @@ class StepState:
     # positions of the batch's examples in the training set (methods with per-example state,
     # e.g. Local-Lip's saved power-iteration vectors); None where the caller has none
     index: torch.Tensor | None = None
+    step: int = 0  # the step's position in its epoch (0: the first), for occasional statistics
 
 
 class Method:
@@ -49,7 +50,8 @@ class Method:
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
              state: StepState) -> tuple[torch.Tensor, dict[str, "torch.Tensor | float"]]:
         """The batch loss to minimize and a few statistics for the curves (floats or detached
-        0-dim tensors: the trainer averages them per epoch without a device sync per step)."""
+        0-dim tensors: the trainer averages each over the epoch's steps that recorded it, without
+        a device sync per step)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict:
