@@ -79,6 +79,7 @@ def format_status(job: dict[str, Any], width: int = 24) -> str:
         lines.append(f"  {row['name'][:28]:28} s{row['seed']:<3} {row['status']:9} "
                      f"[{'#' * filled}{'.' * (width - filled)}] {epoch}/{epochs}  "
                      f"attempts {row['attempts']}  {shown}"
+                     + (f"\n      {row['progress']['note']}" if row["progress"].get("note") else "")
                      + (f"\n      error: {row['error']}" if row.get("error") else ""))
     if job["kind"] == "sweep":
         lines += format_trials(job)

@@ -32,6 +32,8 @@ def _e(value: Any) -> str:
 
 def _progress(row: Any) -> str:
     progress = row.progress or {}
+    if progress.get("note"):  # e.g. waiting for the row that trains this row's model
+        return str(progress["note"])
     epoch, epochs = progress.get("epoch"), progress.get("epochs")
     if epoch is None or not epochs:
         return EMPTY

@@ -109,3 +109,21 @@ def test_bad_files_are_clear_errors(tmp_path):
     done = certrepro("run", "--dataset", "mnist", "--epochs", "1", home=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "mnist" in done.stderr and str(tmp_path) in done.stderr  # where it looked
+
+
+def test_status_and_report_say_what_a_waiting_row_waits_for():
+    """A row that certifies another row's model shows the store's note (not 'epoch 0/n') in
+    `certrepro status` and on the report page."""
+    from types import SimpleNamespace
+
+    from certrepro.client import format_status
+    from orchestrator.report import report_html
+
+    note = "waiting for row eps-0.1's training (running)"
+    row = {"id": "r2", "name": "eps-0.3", "seed": 0, "status": "queued", "attempts": 0,
+           "progress": {"epoch": 0, "epochs": 5, "note": note}, "metrics": {}, "error": None}
+    job = {"id": "j1", "kind": "table", "status": "running", "spec": "ibp/figure3", "rows": [row]}
+    assert note in format_status(job)
+    view = SimpleNamespace(**{**job, "profile": "smoke", "created_at": "t0", "updated_at": "t1",
+                              "error": None, "rows": [SimpleNamespace(**row)]})
+    assert f"<td>{note.replace(chr(39), '&#x27;')}</td>" in report_html(view, None, [])
