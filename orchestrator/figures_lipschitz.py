@@ -6,7 +6,8 @@ epochs).
 - `lipschitz_during_training`: Figure 2's three panels from each row's per-epoch history:
   (a) the global (`lipschitz`, solid) and the average local (`local_lipschitz`, dashed) bound,
   log scale; (b) the natural cross-entropy (`fit_loss`); (c) the cross-entropy on the worst
-  logits (`robust_loss`). `bcp` and `local_lip_*` record both bounds on every step.
+  logits (`robust_loss`). `bcp` and `local_lip_*` record both bounds (the one they do not train
+  with on one step in ten: workers/core/methods/bcp.py TRACK_EVERY).
 - `layer_lipschitz_during_training`: appendix Figure 7, a panel per row: each layer's norm over
   the epochs in the global bound (`lipschitz.layer{i}`, solid) and, averaged over the examples, in
   the local one (`local_lipschitz.layer{i}`, dashed), the logit layer last.

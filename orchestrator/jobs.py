@@ -2,8 +2,9 @@
 one row per selected spec row and seed; a `sweep` job is one row (the sweep, run by Ray Tune) whose
 trials are rows of the same runner. Every row's config is validated and fully resolved here,
 before anything is written. Rows of a table job that would train the identical model share one
-training (orchestrator.shared_training): the first trains, the others certify its checkpoint. Rows whose method or certifier certrepro does not have yet are left
-out of the job and named, never faked."""
+training (orchestrator.shared_training): the first trains, the others certify its checkpoint.
+Rows whose method or certifier certrepro does not have yet are left out of the job and named,
+never faked."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
