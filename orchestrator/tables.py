@@ -212,15 +212,21 @@ def _cell(spec: TableSpec, column: Column, reported, status: str, succeeded: lis
     else:
         verdict = "within" if abs(diff) <= tolerance + 1e-9 else "off"
     return {
-        "reproduced": _round(ours),
+        "reproduced": _significant(ours),
         "n": len(values),
-        "std": _round(std),
+        "std": _significant(std),
         "reported": paper,
         "reported_note": reported.note if reported is not None else None,
         "source": reported.source.model_dump() if reported is not None and reported.source else None,
         "diff": _round(diff),
         "verdict": verdict,
     }
+
+
+def _significant(value: float | None, digits: int = 9) -> float | None:
+    """Our numbers to `digits` significant digits: float noise goes, and a raw metric far below 1
+    (IBP Figure 4's areas, 1e-7) keeps its value, which rounding to 1e-6 would zero."""
+    return None if value is None else float(f"{value:.{digits}g}") + 0.0
 
 
 def _round(value: float | None) -> float | None:

@@ -372,3 +372,17 @@ def test_speedup_over_must_name_a_row_of_a_timing_column():
     next(c for c in base["columns"] if c["key"] == "err_mean")["speedup_over"] = "row"
     with pytest.raises(ValueError, match="speedup_over applies to timing columns only"):
         TableSpec.model_validate(base)
+
+
+def test_tiny_raw_numbers_keep_their_value():
+    """IBP Figure 4's polytope area is ~1e-7 late in training: our number keeps its significant
+    digits (rounding to 1e-6 once showed it as 0)."""
+    spec = load_spec("ibp/figure4")
+    outcome = RowOutcome("step800", 0, "succeeded",
+                         {"bound_area": {"polytope": 9.8123456789e-8, "ibp": 5.6e-5,
+                                         "fill": 0.00175}}, None, {})
+    table = assemble(spec, [outcome], "quick")
+    cells = table["rows"][0]["cells"]
+    assert cells["polytope_area"]["reproduced"] == pytest.approx(9.8123456789e-8, rel=1e-8)
+    assert cells["fill"]["reproduced"] == pytest.approx(0.175)
+    assert "9.812e-08" in render(table, "md")
