@@ -36,19 +36,45 @@ def _row_label(row: Any) -> str:
     return f"{row.name} (seed {row.seed})"
 
 
-def _history(row: Any) -> list[dict[str, Any]]:
+def row_history(row: Any) -> list[dict[str, Any]]:
     """The per-epoch means of a finished row's result (none while it runs)."""
     return (row.result or {}).get("history") or []
 
 
+def row_metrics(row: Any, name: str) -> dict[str, Any]:
+    """The numbers a row's result holds under one diagnostic (e.g. varying_relu)."""
+    return ((row.result or {}).get("metrics") or {}).get(name) or {}
+
+
+def row_title(row: Any, table: dict[str, Any]) -> str:
+    """The table's label of the row (e.g. "(b) Training step 200"), and its seed."""
+    labels = {r.get("id"): r.get("label") for r in table.get("rows", [])}
+    return f"{labels.get(row.name) or row.name} (seed {row.seed})"
+
+
+def legend_below(figure: Figure, axes) -> None:
+    """One legend for all panels, under them (inside a panel it hides what it explains)."""
+    entries = {}
+    for axis in axes:
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if not entries:
+        figure.tight_layout()
+        return
+    figure.legend(entries.values(), entries.keys(), loc="lower center", fontsize="small",
+                  ncol=min(len(entries), 3), frameon=False)
+    rows_of_entries = (len(entries) + 2) // 3
+    figure.tight_layout(rect=(0, 0.06 * rows_of_entries + 0.02, 1, 1))
+
+
 @FIGURES.register("training_curves")
 def training_curves(job: Any, table: dict[str, Any]) -> Figure | None:
-    rows = [row for row in job.rows if _history(row)]
+    rows = [row for row in job.rows if row_history(row)]
     if not rows:
         return None
     figure, (loss_axis, verified_axis) = plt.subplots(1, 2, figsize=(11, 4))
     for row in rows:
-        history = _history(row)
+        history = row_history(row)
         epochs = list(range(1, len(history) + 1))
         loss_axis.plot(epochs, [h.get("loss") for h in history], marker=".",
                        label=_row_label(row))

@@ -21,38 +21,13 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.patches import Polygon, Rectangle
 
-from .figures import FIGURES
+from .figures import FIGURES, legend_below, row_metrics, row_title
 
 GRAY, GREEN = "#9a9a9a", "#2ca02c"
 
 
 def _figure_data(row: Any, name: str) -> dict[str, Any] | None:
     return ((row.result or {}).get("figure_data") or {}).get(name) or None
-
-
-def _metrics(row: Any, name: str) -> dict[str, Any]:
-    return ((row.result or {}).get("metrics") or {}).get(name) or {}
-
-
-def _title(row: Any, table: dict[str, Any]) -> str:
-    """The table's label of the row (e.g. "(b) Training step 200"), and its seed."""
-    labels = {r.get("id"): r.get("label") for r in table.get("rows", [])}
-    return f"{labels.get(row.name) or row.name} (seed {row.seed})"
-
-
-def _legend_below(figure: Figure, axes) -> None:
-    """One legend for all panels, under them (inside a panel it hides what it explains)."""
-    entries = {}
-    for axis in axes:
-        for handle, label in zip(*axis.get_legend_handles_labels()):
-            entries.setdefault(label, handle)
-    if not entries:
-        figure.tight_layout()
-        return
-    figure.legend(entries.values(), entries.keys(), loc="lower center", fontsize="small",
-                  ncol=min(len(entries), 3), frameon=False)
-    rows_of_entries = (len(entries) + 2) // 3
-    figure.tight_layout(rect=(0, 0.06 * rows_of_entries + 0.02, 1, 1))
 
 
 PanelFn = Callable[[Axes, Any, dict[str, Any], dict[str, Any]], None]
@@ -73,7 +48,7 @@ def panel_per_row(name: str, diagnostic: str, needed: str, width: float,
                                         squeeze=False)
             for axis, (row, data) in zip(axes[0], rows):
                 draw(axis, row, data, table)
-            _legend_below(figure, axes[0])
+            legend_below(figure, axes[0])
             return figure
         figure_of.__doc__ = draw.__doc__
         return FIGURES.add(name, figure_of)
@@ -101,9 +76,9 @@ def polytope_and_box(axis: Axes, row: Any, data: dict[str, Any], table: dict[str
         axis.plot(shared, shared, color="#c44e52", linestyle="--", linewidth=0.8,
                   label="logit 0 = logit 1")
     axis.set(xlim=x_limits, ylim=y_limits, xlabel="logit 0", ylabel="logit 1",
-             title=_title(row, table))
+             title=row_title(row, table))
     note = f"test example {data['example']} (label {data['label']})"
-    fill = _metrics(row, "bound_area").get("fill")
+    fill = row_metrics(row, "bound_area").get("fill")
     if fill is not None:
         note += f"\nthe hull fills {100 * fill:.3g}% of the box"
     axis.annotate(note, xy=(0.98, 0.02), xycoords="axes fraction", ha="right", va="bottom",
@@ -115,7 +90,7 @@ def tightness_violin(axis: Axes, row: Any, data: dict[str, Any], table: dict[str
     """BCP Figure 3: tau(x) with BCP per example of one row (violin), the global bound's tau
     (dotted)."""
     taus = data["bcp"]
-    tightness = _metrics(row, "tightness")
+    tightness = row_metrics(row, "tightness")
     if len(set(taus)) > 1:
         axis.violinplot([taus], positions=[0], showmeans=True, showextrema=True)
     else:  # one value (or all equal): a violin has no width; mark the value itself
@@ -129,5 +104,5 @@ def tightness_violin(axis: Axes, row: Any, data: dict[str, Any], table: dict[str
                       fontsize="small")
     axis.set_xticks([0], [f"{len(taus)} examples"])
     axis.set(xlim=(-0.6, 0.6), ylabel="tau(x) (smaller is tighter)",
-             title=_title(row, table))
+             title=row_title(row, table))
     axis.set_ylim(0, 1.12 * max(max(taus), tightness.get("global") or 0) or 1.0)

@@ -29,8 +29,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .figures import FIGURES, _history
-from .figures_bounds import _legend_below, _metrics, _title
+from .figures import FIGURES, legend_below, row_history, row_metrics, row_title
 
 # the two bounds: history key, line style, name in the legend
 BOUNDS = (("lipschitz", "-", "global"), ("local_lipschitz", "--", "local"))
@@ -56,25 +55,25 @@ def _has(history: list[dict[str, Any]], key: str) -> bool:
 @FIGURES.register("lipschitz_during_training")
 def lipschitz_during_training(job: Any, table: dict[str, Any]) -> Figure | None:
     rows = [row for row in job.rows
-            if _has(_history(row), "lipschitz") or _has(_history(row), "local_lipschitz")]
+            if _has(row_history(row), "lipschitz") or _has(row_history(row), "local_lipschitz")]
     if not rows:
         return None
     figure, axes = plt.subplots(1, len(TRAINING_PANELS), figsize=(5 * len(TRAINING_PANELS), 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for axis, (curves, title, ylabel, log) in zip(axes, TRAINING_PANELS):
         for number, row in enumerate(rows):
-            history = _history(row)
+            history = row_history(row)
             epochs = list(range(1, len(history) + 1))
             for key, style, which in curves:
                 if _has(history, key):
-                    label = _title(row, table) + (f", {which}" if which else "")
+                    label = row_title(row, table) + (f", {which}" if which else "")
                     axis.plot(epochs, _series(history, key), linestyle=style, label=label,
                               color=colours[number % len(colours)])
         axis.set(title=title, xlabel="epoch", ylabel=ylabel)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not fractions
         if log and axis.lines:
             axis.set_yscale("log")
-    _legend_below(figure, axes[:1])  # panel (a) names every row and both bounds
+    legend_below(figure, axes[:1])  # panel (a) names every row and both bounds
     return figure
 
 
@@ -87,7 +86,7 @@ def _per_layer(history: list[dict[str, Any]], name: str) -> dict[int, list[float
 
 def _measured_shares(row: Any) -> list[float]:
     """The `varying_relu` diagnostic's share per hidden layer, in layer order."""
-    measured = _metrics(row, "varying_relu")
+    measured = row_metrics(row, "varying_relu")
     layers = sorted(int(key[5:]) for key in measured if re.fullmatch(r"layer\d+", key))
     return [float(measured[f"layer{layer}"]) for layer in layers]
 
@@ -96,7 +95,7 @@ def _measured_shares(row: Any) -> list[float]:
 def varying_relu_share(job: Any, table: dict[str, Any]) -> Figure | None:
     measured = [(row, shares) for row in job.rows if (shares := _measured_shares(row))]
     tracked = [(row, shares) for row in job.rows
-               if (shares := _per_layer(_history(row), "varying_fraction"))]
+               if (shares := _per_layer(row_history(row), "varying_fraction"))]
     if not measured and not tracked:
         return None
     panels = (1 if measured else 0) + len(tracked)
@@ -108,7 +107,7 @@ def varying_relu_share(job: Any, table: dict[str, Any]) -> Figure | None:
         for number, (row, shares) in enumerate(measured):
             positions = [layer + (number - (len(measured) - 1) / 2) * width
                          for layer in range(1, len(shares) + 1)]
-            axis.bar(positions, shares, width=width, label=_title(row, table))
+            axis.bar(positions, shares, width=width, label=row_title(row, table))
         layers = max(len(shares) for _, shares in measured)
         axis.set_xticks(range(1, layers + 1), [f"layer {i}" for i in range(1, layers + 1)],
                         fontsize="small")
@@ -118,7 +117,7 @@ def varying_relu_share(job: Any, table: dict[str, Any]) -> Figure | None:
     for axis, (row, shares) in zip(axes, tracked):
         for layer, values in shares.items():
             axis.plot(range(1, len(values) + 1), values, label=f"layer {layer}")
-        axis.set(title=f"during training: {_title(row, table)}", xlabel="epoch",
+        axis.set(title=f"during training: {row_title(row, table)}", xlabel="epoch",
                  ylabel="share of outputs", ylim=(0, 1.02))
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.legend(fontsize="x-small")
@@ -131,7 +130,7 @@ def layer_lipschitz_during_training(job: Any, table: dict[str, Any]) -> Figure |
     """Appendix Figure 7: a panel per row, each layer's norm over the epochs, in the global bound
     (solid) and on average in the local one (dashed), log scale."""
     rows = [(row, {name: layers for name in ("lipschitz", "local_lipschitz")
-                   if (layers := _per_layer(_history(row), name))}) for row in job.rows]
+                   if (layers := _per_layer(row_history(row), name))}) for row in job.rows]
     rows = [(row, curves) for row, curves in rows if curves]
     if not rows:
         return None
@@ -143,7 +142,7 @@ def layer_lipschitz_during_training(job: Any, table: dict[str, Any]) -> Figure |
                 axis.plot(range(1, len(values) + 1), values, linestyle=style,
                           color=colours[(layer - 1) % len(colours)],
                           label=f"layer {layer}, {which}")
-        axis.set(title=_title(row, table), xlabel="epoch", ylabel="layer norm")
+        axis.set(title=row_title(row, table), xlabel="epoch", ylabel="layer norm")
         axis.set_yscale("log")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.legend(fontsize="x-small", ncol=2)

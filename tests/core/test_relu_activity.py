@@ -73,7 +73,7 @@ def test_shares_are_means_over_examples_and_batches():
 
 
 def test_varying_relu_is_registered_for_local_lip_only():
-    wanted_by, _ = DIAGNOSTICS.get("varying_relu")
+    wanted_by = DIAGNOSTICS.get("varying_relu").wanted_by
     assert tuple(wanted_by) == ("local_lip",)
     model = hand_set()
     assert "varying_relu" not in diagnose(model, X0, PerturbationSet("l2", 0.1), ["bcp"])

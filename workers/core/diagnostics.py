@@ -51,7 +51,7 @@ def _always(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet) ->
 
 
 class Diagnostic(NamedTuple):
-    """A registry entry; a plain (wanted_by, function) tuple reads as one with the defaults."""
+    """A registry entry."""
     wanted_by: tuple[str, ...]  # the certifiers whose rows record it
     function: DiagnosticFn  # (model, x, perturbation, batch_size[, labels=]) -> numbers
     applies: Callable[[nn.Module, torch.Tensor, PerturbationSet], bool] = _always
@@ -64,7 +64,7 @@ class Diagnosis:
     figure_data: dict[str, Any] = field(default_factory=dict)
 
 
-DIAGNOSTICS: Registry[Diagnostic | tuple] = Registry("diagnostic")
+DIAGNOSTICS: Registry[Diagnostic] = Registry("diagnostic")
 
 
 def compact(values: Sequence[float], digits: int = FIGURE_DIGITS) -> list[float]:
@@ -135,7 +135,7 @@ def measure(model: nn.Module, x: torch.Tensor, perturbation: PerturbationSet,
     model.eval()
     out = Diagnosis()
     for name in DIAGNOSTICS.names():
-        entry = Diagnostic(*DIAGNOSTICS.get(name))
+        entry = DIAGNOSTICS.get(name)
         if not set(entry.wanted_by) & set(certifiers) or not entry.applies(model, x, perturbation):
             continue
         if entry.needs_labels:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .bounds import PerturbationSet
-from .diagnostics import DIAGNOSTICS, _chunks
+from .diagnostics import DIAGNOSTICS, Diagnostic, _chunks
 from .lipschitz import CertifiedLocalNorms, layer_shares, local_outer, share_stats
 
 
@@ -38,4 +38,4 @@ def _varying_relu(model, x, perturbation, batch_size) -> dict[str, float]:
     return {key: float(value) for key, value in share_stats(shares).items()}
 
 
-DIAGNOSTICS.add("varying_relu", (("local_lip",), _varying_relu))
+DIAGNOSTICS.add("varying_relu", Diagnostic(("local_lip",), _varying_relu))
